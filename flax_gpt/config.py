@@ -1,0 +1,68 @@
+"""GPT-2 model configuration and named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+DType = Literal["float32", "bfloat16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Shapes and numerics of a GPT-2 model; defaults are GPT-2 124M."""
+
+    block_size: int = 1024  # max sequence length (n_positions)
+    vocab_size: int = 50257  # true vocabulary; logits always have this many columns
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_multiple: int = 64  # wte rows are padded up to a multiple of this (50257 -> 50304)
+    dtype: DType = "float32"  # compute dtype of matmuls and activations
+    param_dtype: DType = "float32"  # storage dtype of parameters
+    attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+    remat: bool = False  # recompute block activations in the backward pass (saves memory)
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"GPTConfig.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+        if self.attention not in ("xla", "cudnn"):
+            raise ValueError(f"GPTConfig.attention must be 'xla' or 'cudnn', got {self.attention!r}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding: vocab_size rounded up to vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256),  # ~30M, CPU default
+    "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64),  # tests
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """The named preset, with fields overridden; unknown names raise ValueError."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
