@@ -1,0 +1,43 @@
+# Two commands: `make train` and `make test`. Each builds .venv here first if it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch on machines without a GPU; set TORCH_SPEC=torch for your platform's default.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: train test parity bench lint report clean
+
+$(VENV)/.core: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.full: $(VENV)/.core
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[torch,dev]"
+	touch $@
+
+train: $(VENV)/.core
+	$(PY) train.py $(ARGS)
+
+# pytest exits 5 when it collected no tests: that is a failure here, not a pass.
+test: $(VENV)/.full
+	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
+
+parity: $(VENV)/.full
+	$(PY) -m pytest -q -p no:cacheprovider parity_tests
+
+report: $(VENV)/.full
+	$(PY) -m parity_tests.report
+
+bench: $(VENV)/.full
+	$(PY) benchmarks/bench_train.py $(ARGS)
+
+lint: $(VENV)/.full
+	$(PY) -m ruff check flax_gpt torch_ref parity_tests tests benchmarks train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

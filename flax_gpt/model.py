@@ -1,0 +1,160 @@
+"""GPT-2 in Flax NNX, block for block the model of build-nanogpt's train_gpt2.py.
+
+Module and parameter names follow HuggingFace GPT-2 (wte, wpe, h, ln_1, attn.c_attn, ...),
+so `h.attn.c_attn.kernel` is HF's `h.{i}.attn.c_attn.weight` stacked over layers.
+The layers are stacked along a leading axis and run with a scan, so compile time does not
+grow with depth. Parameters are stored in `param_dtype`; matmuls run in `dtype`;
+LayerNorm, softmax, the residual stream, logits and the loss stay in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_gpt.config import GPTConfig
+
+INIT_STD = 0.02
+
+
+def _linear(config: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear with GPT-2 init: kernel (d_in, d_out) ~ N(0, std), bias zero."""
+    return nnx.Linear(
+        d_in, d_out, dtype=config.dtype, param_dtype=config.param_dtype,
+        kernel_init=nnx.initializers.normal(std), rngs=rngs,
+    )
+
+
+def _layer_norm(config: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """GPT-2 LayerNorm: eps 1e-5 (Flax's default is 1e-6), statistics and output in float32."""
+    return nnx.LayerNorm(config.n_embd, epsilon=1e-5, param_dtype=config.param_dtype, rngs=rngs)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
+        C = config.n_embd
+        proj_std = INIT_STD / math.sqrt(2 * config.n_layer)  # residual projections scaled down
+        self.c_attn = _linear(config, C, 3 * C, INIT_STD, rngs)  # q, k, v for all heads
+        self.c_proj = _linear(config, C, C, proj_std, rngs)
+        self.n_head = config.n_head
+        self.implementation = config.attention
+
+    def __call__(self, x):
+        B, T, C = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # each (B, T, C)
+        q = q.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
+        k = k.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
+        v = v.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)  # (B, T, nh, hs)
+        y = y.reshape(B, T, C)  # (B, T, C) heads side by side
+        return self.c_proj(y)  # (B, T, C)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
+        C = config.n_embd
+        proj_std = INIT_STD / math.sqrt(2 * config.n_layer)
+        self.c_fc = _linear(config, C, 4 * C, INIT_STD, rngs)
+        self.c_proj = _linear(config, 4 * C, C, proj_std, rngs)
+
+    def __call__(self, x):
+        x = self.c_fc(x)  # (B, T, 4C)
+        x = jax.nn.gelu(x, approximate=True)  # GPT-2's tanh GELU
+        return self.c_proj(x)  # (B, T, C)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(config, rngs)
+        self.attn = CausalSelfAttention(config, rngs)
+        self.ln_2 = _layer_norm(config, rngs)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln_1(x))  # (B, T, C) float32 residual stream
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT(nnx.Module):
+    """GPT-2 language model: `logits, loss = model(idx, targets=None)`."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
+        rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        self.config = config
+        V, Vp, C = config.vocab_size, config.padded_vocab_size, config.n_embd
+        self.wte = nnx.Embed(Vp, C, param_dtype=config.param_dtype, rngs=rngs,
+                             embedding_init=_padded_normal_init(V))  # rows >= V stay zero
+        self.wpe = nnx.Embed(config.block_size, C, param_dtype=config.param_dtype, rngs=rngs,
+                             embedding_init=nnx.initializers.normal(INIT_STD))
+
+        @nnx.split_rngs(splits=config.n_layer)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(config, rngs)
+
+        self.h = make_blocks(rngs)  # one Block whose parameters have a leading n_layer axis
+        self.ln_f = _layer_norm(config, rngs)
+
+    def __call__(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = jnp.arange(T)  # (T,)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C) float32
+
+        block_fn = Block.__call__
+        if self.config.remat:
+            block_fn = nnx.remat(block_fn)
+
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def run_blocks(block, x):
+            return block_fn(block, x)  # (B, T, C)
+
+        x = run_blocks(self.h, x)  # (B, T, C)
+        x = self.ln_f(x)  # (B, T, C) float32
+        logits = self.lm_head(x)  # (B, T, V) float32
+        loss = None if targets is None else cross_entropy(logits, targets)
+        return logits, loss
+
+    def lm_head(self, x):
+        """Logits over the true vocabulary from the tied token embedding, in float32."""
+        dtype = self.config.dtype
+        wte = self.wte.embedding[: self.config.vocab_size]  # (V, C) padded rows dropped
+        return jnp.einsum("btc,vc->btv", x.astype(dtype), wte.astype(dtype),
+                          preferred_element_type=jnp.float32)  # (B, T, V)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **overrides) -> "GPT":
+        """GPT-2 weights from an HF hub id (gpt2 ... gpt2-xl) or a local HF directory."""
+        from flax_gpt import hf  # file reading lives outside the model module
+
+        return hf.load_pretrained(name_or_path, **overrides)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; like nanoGPT, position embeddings are left out by default."""
+        n = sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+        return n - self.wpe.embedding.size if non_embedding else n
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token cross entropy in float32: logits (B, T, V), targets (B, T)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (B, T, V)
+    picked = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)  # (B, T, 1)
+    return -picked.mean()
+
+
+def _padded_normal_init(n_real_rows: int):
+    """N(0, 0.02) for the first n_real_rows rows, zeros for the vocabulary padding."""
+    normal = nnx.initializers.normal(INIT_STD)
+
+    def init(key, shape, dtype=jnp.float32):
+        table = normal(key, shape, dtype)  # (Vp, C)
+        keep = (jnp.arange(shape[0]) < n_real_rows)[:, None]  # (Vp, 1)
+        return jnp.where(keep, table, 0).astype(dtype)
+
+    return init
