@@ -1,0 +1,68 @@
+"""The jitted training and evaluation steps over a pure-pytree TrainState."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from flax_gpt.model import GPT
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes: parameters, optimizer state and the step count."""
+
+    params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar: optimizer steps taken
+
+
+def init_state(model: GPT, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """Split a model into its static graph and a fresh TrainState."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, x, y):
+    """Mean cross entropy of one (B, T) batch."""
+    model = nnx.merge(graphdef, params)
+    _, loss = model(x, y)
+    return loss
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule=None):
+    """A jitted step(state, x, y) -> (state, metrics); x, y are (A, B, T): A micro batches accumulated.
+
+    The loss and gradients are the mean over all A*B sequences, exactly as one batch A times
+    larger; the state argument is donated, so its buffers are reused for the new state.
+    """
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def train_step(state: TrainState, x, y):
+        def accumulate(carry, xy):
+            loss_sum, grad_sum = carry
+            loss, grads = grad_fn(state.params, graphdef, *xy)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (x, y))
+        n_micro = x.shape[0]
+        grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / n_micro, "grad_norm": optax.global_norm(grads)}
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+    """A jitted eval(params, x, y) -> mean loss of a (B, T) batch."""
+    return jax.jit(functools.partial(loss_fn, graphdef=graphdef))
