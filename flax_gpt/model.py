@@ -107,15 +107,14 @@ class GPT(nnx.Module):
         pos = jnp.arange(T)  # (T,)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C) float32
 
-        block_fn = Block.__call__
+        block_def, block_params = nnx.split(self.h)  # params carry a leading n_layer axis
+
+        def run_block(x, params):
+            return nnx.merge(block_def, params)(x), None  # (B, T, C)
+
         if self.config.remat:
-            block_fn = nnx.remat(block_fn)
-
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-        def run_blocks(block, x):
-            return block_fn(block, x)  # (B, T, C)
-
-        x = run_blocks(self.h, x)  # (B, T, C)
+            run_block = jax.checkpoint(run_block)  # recompute activations in the backward pass
+        x, _ = jax.lax.scan(run_block, x, block_params)  # (B, T, C), one block per scan step
         x = self.ln_f(x)  # (B, T, C) float32
         logits = self.lm_head(x)  # (B, T, V) float32
         loss = None if targets is None else cross_entropy(logits, targets)
