@@ -1,0 +1,361 @@
+"""The training run behind `python train.py`: data, model, jitted steps, eval, checkpoints, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from flax_gpt.config import GPTConfig, preset as model_preset
+from flax_gpt.errors import UserError
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Train a GPT-2 on a text corpus (defaults come from --preset; every field is a flag)."""
+
+    preset: str = "small"  # run recipe: tiny (seconds), small (CPU, ~10 min), gpt2 (124M, build-nanogpt's GPU run)
+    data: str | None = None  # text file or directory of .txt; default ./input.txt, else Shakespeare
+    out_dir: str = "out"  # checkpoints/, metrics.jsonl and loss.png go here
+    init_from: str = "scratch"  # scratch | an HF hub id (gpt2, ...) | an HF directory | a checkpoint directory
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    max_steps: int | None = None  # optimizer steps
+    batch_size: int | None = None  # sequences per micro batch (B)
+    seq_len: int | None = None  # tokens per sequence (T), at most the model's block_size
+    total_batch_size: int | None = None  # tokens per optimizer step; a multiple of B*T (gradient accumulation)
+    lr: float | None = None  # max learning rate
+    min_lr_ratio: float = 0.1  # min_lr = lr * min_lr_ratio, reached at max_steps
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int | None = None  # steps between val-loss evaluations (and samples)
+    eval_batches: int | None = None  # val batches per evaluation
+    ckpt_interval: int | None = None  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 3
+    sample_tokens: int = 64  # tokens sampled at each evaluation; 0 turns sampling off
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "metal"] = "auto"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype; auto: bf16 on GPU/TPU, fp32 on CPU
+    n_layer: int | None = None  # model overrides of the preset's shape (scratch runs only)
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    progress: bool = True  # show a progress bar
+    debug: bool = False  # show tracebacks instead of one-line errors
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPreset:
+    model: str
+    batch_size: int
+    seq_len: int
+    total_batch_size: int
+    max_steps: int
+    lr: float
+    warmup_steps: int
+    eval_interval: int
+    eval_batches: int
+    ckpt_interval: int
+
+
+RUN_PRESETS = {
+    "tiny": RunPreset("tiny", batch_size=8, seq_len=64, total_batch_size=512, max_steps=40, lr=3e-3,
+                      warmup_steps=4, eval_interval=20, eval_batches=2, ckpt_interval=20),
+    "small": RunPreset("small", batch_size=8, seq_len=256, total_batch_size=2048, max_steps=300, lr=1e-3,
+                       warmup_steps=20, eval_interval=50, eval_batches=8, ckpt_interval=100),
+    "gpt2": RunPreset("gpt2", batch_size=64, seq_len=1024, total_batch_size=524288, max_steps=19073, lr=6e-4,
+                      warmup_steps=715, eval_interval=250, eval_batches=20, ckpt_interval=5000),
+}
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill unset fields from the run preset and check every size."""
+    if cfg.preset not in RUN_PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r}; choose one of: {', '.join(RUN_PRESETS)}")
+    base = RUN_PRESETS[cfg.preset]
+    filled = {f: getattr(base, f) for f in ("batch_size", "seq_len", "max_steps", "lr", "warmup_steps",
+                                             "eval_interval", "eval_batches", "ckpt_interval")
+              if getattr(cfg, f) is None}
+    cfg = dataclasses.replace(cfg, **filled)
+    if cfg.total_batch_size is None:
+        # keep the preset's accumulation factor when B or T were changed
+        per_micro = base.batch_size * base.seq_len
+        cfg = dataclasses.replace(cfg, total_batch_size=cfg.batch_size * cfg.seq_len * max(1, base.total_batch_size // per_micro))
+    for name in ("max_steps", "batch_size", "seq_len", "total_batch_size", "eval_interval", "eval_batches",
+                 "ckpt_interval", "keep_checkpoints"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.warmup_steps < 0 or cfg.sample_tokens < 0:
+        raise UserError("--lr must be positive and --warmup-steps, --sample-tokens non-negative")
+    micro = cfg.batch_size * cfg.seq_len
+    if cfg.total_batch_size % micro:
+        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of batch_size*seq_len = {micro}")
+    return cfg
+
+
+def grad_accum_steps(cfg: TrainConfig) -> int:
+    return cfg.total_batch_size // (cfg.batch_size * cfg.seq_len)
+
+
+def select_device(device: str) -> str:
+    """Point JAX at the requested platform before it starts; returns the platform in use."""
+    import jax
+
+    if device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    elif device == "metal":
+        try:
+            import jax_metal  # noqa: F401
+        except ImportError:
+            raise UserError("--device metal needs jax-metal: pip install 'flax-gpt[metal]' (Apple silicon; jax-metal "
+                            "is unmaintained upstream and works only with the jax it pins)") from None
+        jax.config.update("jax_platforms", "METAL")
+    elif device == "cuda":
+        try:
+            jax.devices("cuda")
+        except RuntimeError:
+            raise UserError("--device cuda but JAX sees no CUDA GPU: pip install 'flax-gpt[cuda]' on a machine "
+                            "with an NVIDIA driver") from None
+        jax.config.update("jax_platforms", "cuda")
+    return jax.devices()[0].platform
+
+
+def compute_dtype(dtype: str, platform: str) -> str:
+    """auto means bf16 on accelerators and fp32 on CPU, where XLA's bf16 matmuls are slower."""
+    if dtype == "auto":
+        return "float32" if platform == "cpu" else "bfloat16"
+    return {"bf16": "bfloat16", "fp32": "float32"}[dtype]
+
+
+# ----------------------------------------------------------------------------- model init
+
+
+def _model_config(cfg: TrainConfig, dtype: str) -> GPTConfig:
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
+    try:
+        return model_preset(RUN_PRESETS[cfg.preset].model, dtype=dtype, **overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _checkpoint_dir(path: Path) -> Path | None:
+    """The orbax directory of a flax_gpt run dir or checkpoints dir, if `path` is one."""
+    for candidate in (path / "checkpoints", path):
+        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
+            return candidate
+    return None
+
+
+def init_model(cfg: TrainConfig, dtype: str):
+    """The starting model: fresh GPT-2 init, HF weights, or the params of a training checkpoint."""
+    from flax_gpt.model import GPT
+
+    if cfg.init_from == "scratch":
+        return GPT(_model_config(cfg, dtype), seed=cfg.seed)
+    ckpt_dir = _checkpoint_dir(Path(cfg.init_from).expanduser()) if Path(cfg.init_from).expanduser().is_dir() else None
+    if ckpt_dir is not None:
+        return load_checkpoint_model(ckpt_dir, dtype)
+    return GPT.from_pretrained(cfg.init_from, dtype=dtype)
+
+
+def load_checkpoint_model(ckpt_dir: Path, dtype: str | None = None):
+    """A GPT holding the latest parameters saved under ckpt_dir (an orbax checkpoints directory)."""
+    from flax import nnx
+
+    from flax_gpt.checkpoint import Checkpointer, abstract_like
+    from flax_gpt.model import GPT
+
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    meta = ckpt.restore_meta()
+    config = GPTConfig(**{**meta["model_config"], **({"dtype": dtype} if dtype else {})})
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config)), nnx.Param)
+    params = ckpt.restore_params(abstract_like(abstract))
+    return nnx.merge(graphdef, params)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite."""
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train as configured; returns a summary (steps, losses, paths, wall time)."""
+    started = time.time()
+    cfg = resolve(cfg)
+    platform = select_device(cfg.device)
+    dtype = compute_dtype(cfg.dtype, platform)
+
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from flax_gpt import data as data_lib
+    from flax_gpt.checkpoint import Checkpointer, abstract_like
+    from flax_gpt.generate import generate
+    from flax_gpt.metrics import MetricsLog, flops_per_token, peak_flops, plot_losses
+    from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
+    from flax_gpt.tokenizer import get_encoding
+    from flax_gpt.train_step import init_state, make_eval_step, make_train_step
+
+    out_dir = Path(cfg.out_dir).expanduser()
+    ckpt_root = out_dir / "checkpoints"
+    _check_out_dir(out_dir, ckpt_root, cfg.resume)
+
+    tokens = data_lib.prepare(data_lib.resolve_source(cfg.data, Path.cwd()))
+    model = init_model(cfg, dtype)
+    config = model.config
+    if cfg.seq_len > config.block_size:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {config.block_size}")
+    accum = grad_accum_steps(cfg)
+    loader = data_lib.DataLoader(tokens.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    val_batches = data_lib.eval_batches(tokens.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+
+    optim_cfg = OptimConfig(lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, warmup_steps=max(cfg.warmup_steps, 1),
+                            max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    tx = make_optimizer(optim_cfg)
+    graphdef, state = init_state(model, tx)
+    del model  # the state owns the parameters from here on
+
+    ckpt = Checkpointer(ckpt_root, keep=cfg.keep_checkpoints)
+    start_step = 0
+    if cfg.resume:
+        state, meta = ckpt.restore(abstract_like(state))
+        if meta["model_config"] != _config_record(config):
+            raise UserError(f"--resume: {ckpt_root} holds a model {meta['model_config']}, not the requested {_config_record(config)}")
+        loader.load_state_dict(meta["loader"])
+        start_step = int(state.step)
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if cfg.resume else None)
+
+    train_step = make_train_step(graphdef, tx, lr_schedule(optim_cfg))
+    eval_step = make_eval_step(graphdef)
+    enc = get_encoding()
+    n_params = sum(x.size for x in jax.tree.leaves(state.params)) - config.block_size * config.n_embd
+    tokens_per_step = cfg.total_batch_size
+    flops_per_step = flops_per_token(config, n_params, cfg.seq_len) * tokens_per_step
+    peak, peak_source = peak_flops(dtype)
+    print(f"model: {n_params / 1e6:.1f}M params, {config.n_layer} layers, {config.n_embd} wide, dtype {dtype} on "
+          f"{platform}; data: {len(tokens.train):,} train / {len(tokens.val):,} val tokens; "
+          f"batch {cfg.batch_size}x{cfg.seq_len} x {accum} accum = {tokens_per_step:,} tokens/step")
+
+    def meta_record(step: int) -> dict:
+        return {"step": step, "model_config": _config_record(config), "loader": loader.state_dict(),
+                "train_config": dataclasses.asdict(cfg), "seed": cfg.seed}
+
+    def evaluate(params) -> float:
+        losses = [eval_step(params, jnp.asarray(x), jnp.asarray(y)) for x, y in val_batches]
+        return float(np.mean(jax.device_get(losses)))
+
+    def sample(params) -> str:
+        if cfg.sample_tokens == 0:
+            return ""
+        from flax import nnx
+
+        n_new = min(cfg.sample_tokens, config.block_size - 1)
+        ids = generate(nnx.merge(graphdef, params), [[enc.eot_token]], n_new, temperature=1.0, top_k=50, seed=cfg.seed)
+        return enc.decode([int(t) for t in ids[0, 1:]])
+
+    interrupted = {"flag": False}
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    summary = {"start_step": start_step, "first_loss": None, "last_loss": None, "val_losses": []}
+    pending = None  # (step, device metrics) of the step in flight: read after the next one is queued
+    last_time = time.perf_counter()
+    first_step_time = None
+    step = start_step
+
+    def record(step_done: int, device_metrics) -> None:
+        nonlocal last_time, first_step_time
+        m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        now = time.perf_counter()
+        dt, last_time = now - last_time, now
+        if first_step_time is None:
+            first_step_time = dt
+        if not math.isfinite(m["loss"]):
+            raise Diverged(f"loss is {m['loss']} at step {step_done}")
+        rec = {"step": step_done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+               "ms_per_step": dt * 1e3, "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_step / dt / peak}
+        metrics_log.write(rec)
+        summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else m["loss"]
+        summary["last_loss"] = m["loss"]
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", mfu=f"{rec['mfu']:.1%}", refresh=False)
+        bar.update(1)
+
+    try:
+        for step in range(start_step, cfg.max_steps):
+            micro = [loader.next_batch() for _ in range(accum)]
+            x = jnp.asarray(np.stack([b[0] for b in micro]))  # (A, B, T)
+            y = jnp.asarray(np.stack([b[1] for b in micro]))  # (A, B, T)
+            state, metrics = train_step(state, x, y)
+            if pending is not None:
+                record(*pending)
+            pending = (step, metrics)
+            done = step + 1
+            is_last = done == cfg.max_steps
+            if done % cfg.eval_interval == 0 or is_last:
+                record(*pending)
+                pending = None
+                val_loss = evaluate(state.params)
+                text = sample(state.params)
+                metrics_log.write({"step": step, "val_loss": val_loss, "sample": text})
+                summary["val_losses"].append((step, val_loss))
+                bar.write(f"step {step:5d} | val loss {val_loss:.4f} | sample: {text[:200]!r}")
+            if done % cfg.ckpt_interval == 0 or is_last or interrupted["flag"]:
+                if pending is not None:
+                    record(*pending)
+                    pending = None
+                ckpt.save(done, state, meta_record(done))
+            if interrupted["flag"]:
+                break
+        if pending is not None:
+            record(*pending)
+    except Diverged as e:
+        bar.close()
+        metrics_log.write({"step": step, "stopped": str(e)})
+        ckpt.close()
+        raise UserError(f"training diverged: {e}; the last good checkpoint is in {ckpt_root} "
+                        "(try a lower --lr or more --warmup-steps)") from None
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    bar.close()
+    ckpt.close()
+
+    plot_losses(metrics_log.read(), out_dir / "loss.png", title=f"flax-gpt {cfg.preset}: {n_params / 1e6:.1f}M params")
+    summary.update(steps=step + 1 - start_step, final_step=ckpt.latest_step(), wall_s=time.time() - started,
+                   first_step_s=first_step_time, checkpoint=str(ckpt_root / str(ckpt.latest_step())),
+                   plot=str(out_dir / "loss.png"), metrics=str(out_dir / "metrics.jsonl"),
+                   interrupted=interrupted["flag"])
+    return summary
+
+
+def _config_record(config: GPTConfig) -> dict:
+    """The shape-defining fields of a model config (dtype may change between runs)."""
+    record = dataclasses.asdict(config)
+    record.pop("dtype")
+    return json.loads(json.dumps(record))
+
+
+def _check_out_dir(out_dir: Path, ckpt_root: Path, resume: bool) -> None:
+    """Never overwrite a previous run's checkpoints unless asked to resume it."""
+    has_ckpts = ckpt_root.is_dir() and any(p.name.isdigit() for p in ckpt_root.iterdir())
+    if resume and not has_ckpts:
+        raise UserError(f"--resume: no checkpoint in {ckpt_root}; drop --resume to start a new run")
+    if not resume and has_ckpts:
+        raise UserError(f"{out_dir} already holds a run's checkpoints; pass --resume to continue it "
+                        "or --out-dir to start a new run elsewhere")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror}") from None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,71 @@
+"""flax_gpt against transformers and torch_ref: logits, loss, gradients, bf16, causality, transfer."""
+
+import pytest
+
+from parity_tests import checks
+from parity_tests.checkpoints import GOOD_LAYOUTS
+
+SHAPES = ("tiny", "odd", "deep")
+
+
+def assert_within(m: checks.Measurement):
+    assert m.value <= m.bound, f"{m.check}: {m.value:.3e} > bound {m.bound:.0e}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_logits_match_transformers(shape):
+    assert_within(checks.logits_flax_vs_hf(shape))
+
+
+@pytest.mark.parametrize("layout", GOOD_LAYOUTS)
+def test_every_checkpoint_layout_loads(layout):
+    assert_within(checks.logits_flax_vs_hf("odd", layout))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_loss_matches_transformers(shape):
+    assert_within(checks.loss_flax_vs_hf(shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_match_torch_ref(shape):
+    assert_within(checks.grads_flax_vs_torch_ref(shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_matches_torch_autocast(shape):
+    logits_rel, kl = checks.bf16_vs_autocast(shape)
+    assert_within(logits_rel)
+    assert_within(kl)
+    assert logits_rel.value > 0  # really ran in bf16: fp32 would agree to ~1e-7
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_causality_later_tokens_never_change_earlier_logits(shape):
+    assert_within(checks.causality(shape))
+
+
+def test_causality_by_gradient():
+    assert_within(checks.causality_by_gradient("odd"))
+
+
+@pytest.mark.parametrize("shape", ("tiny", "odd"))
+def test_vocab_padding_changes_nothing(shape):
+    assert_within(checks.vocab_padding_invariance(shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_round_trip_flax_torch_ref_flax_is_bit_exact(shape):
+    assert_within(checks.round_trip_flax_torch_flax(shape))
+
+
+def test_hf_state_dict_round_trip_is_exact():
+    assert_within(checks.state_dict_round_trip("deep"))
+
+
+def test_jit_matches_eager():
+    assert_within(checks.jit_vs_eager("odd"))
+
+
+def test_remat_gives_the_same_gradients():
+    assert_within(checks.remat_grads("tiny"))

@@ -1,0 +1,40 @@
+"""Train a GPT-2 with JAX/Flax: `python train.py` (small model, Shakespeare, ~10 min on CPU).
+
+    python train.py --preset tiny                      # a test run, seconds
+    python train.py --data my.txt --max-steps 1000     # your text
+    python train.py --init-from gpt2 --data my.txt     # fine-tune GPT-2 (online or HF cache)
+    python train.py --resume                           # continue out/ from its last checkpoint
+    python train.py --help                             # every flag
+"""
+
+import sys
+
+
+def main(argv=None) -> int:
+    import tyro
+
+    from flax_gpt.errors import UserError
+    from flax_gpt.train import TrainConfig, run
+
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = tyro.cli(TrainConfig, args=argv, description=__doc__)
+    try:
+        summary = run(cfg)
+    except UserError as e:
+        if cfg.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    vals = summary["val_losses"]
+    if vals:
+        print(f"val loss {vals[0][1]:.4f} (step {vals[0][0]}) -> {vals[-1][1]:.4f} (step {vals[-1][0]})")
+    print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f} s; checkpoint {summary['checkpoint']}; "
+          f"plot {summary['plot']}; metrics {summary['metrics']}")
+    if summary["interrupted"]:
+        print("interrupted: checkpoint written; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
