@@ -54,9 +54,12 @@ def hf_model(shape: str):
     return make_hf_model(SHAPES_BY_NAME[shape])
 
 
+_TMP = tempfile.TemporaryDirectory(prefix="parity-")  # removed when the process exits
+
+
 @cache
 def hf_dir(shape: str, layout: str = "safetensors") -> Path:
-    return save_checkpoint(hf_model(shape), Path(tempfile.mkdtemp(prefix=f"parity-{shape}-{layout}-")), layout)
+    return save_checkpoint(hf_model(shape), Path(_TMP.name) / f"{shape}-{layout}", layout)
 
 
 def tokens(shape: str, batch: int = 3, seq_len: int | None = None, seed: int = 0) -> np.ndarray:
