@@ -77,8 +77,8 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
         steps, losses = map(np.asarray, zip(*train))
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train")
         k = max(1, len(losses) // 25)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3 if k > 1 else 1.0, linewidth=0.8, label="train")
         if k > 1:
             smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
             ax.plot(steps[k - 1:], smooth, color="tab:blue", linewidth=1.6, label=f"train (mean of {k})")

@@ -289,8 +289,20 @@ def run(cfg: TrainConfig) -> dict:
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", mfu=f"{rec['mfu']:.1%}", refresh=False)
         bar.update(1)
 
+    def eval_and_sample(steps_done: int) -> None:
+        val_loss = evaluate(state.params)
+        text = sample(state.params)
+        metrics_log.write({"step": steps_done, "val_loss": val_loss, "sample": text})
+        summary["val_losses"].append((steps_done, val_loss))
+        bar.write(f"step {steps_done:5d} | val loss {val_loss:.4f} | sample: {text[:200]!r}")
+
     try:
         for step in range(start_step, cfg.max_steps):
+            if step % cfg.eval_interval == 0:
+                if pending is not None:
+                    record(*pending)
+                    pending = None
+                eval_and_sample(step)  # val loss of the parameters after `step` steps
             micro = [loader.next_batch() for _ in range(accum)]
             x = jnp.asarray(np.stack([b[0] for b in micro]))  # (A, B, T)
             y = jnp.asarray(np.stack([b[1] for b in micro]))  # (A, B, T)
@@ -300,14 +312,10 @@ def run(cfg: TrainConfig) -> dict:
             pending = (step, metrics)
             done = step + 1
             is_last = done == cfg.max_steps
-            if done % cfg.eval_interval == 0 or is_last:
+            if is_last:
                 record(*pending)
                 pending = None
-                val_loss = evaluate(state.params)
-                text = sample(state.params)
-                metrics_log.write({"step": step, "val_loss": val_loss, "sample": text})
-                summary["val_losses"].append((step, val_loss))
-                bar.write(f"step {step:5d} | val loss {val_loss:.4f} | sample: {text[:200]!r}")
+                eval_and_sample(done)
             if done % cfg.ckpt_interval == 0 or is_last or interrupted["flag"]:
                 if pending is not None:
                     record(*pending)

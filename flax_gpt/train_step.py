@@ -65,4 +65,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
 def make_eval_step(graphdef: nnx.GraphDef):
     """A jitted eval(params, x, y) -> mean loss of a (B, T) batch."""
-    return jax.jit(functools.partial(loss_fn, graphdef=graphdef))
+
+    @jax.jit
+    def eval_step(params: nnx.State, x, y):
+        return loss_fn(params, graphdef, x, y)
+
+    return eval_step
