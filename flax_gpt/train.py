@@ -68,7 +68,7 @@ class RunPreset:
 RUN_PRESETS = {
     "tiny": RunPreset("tiny", batch_size=8, seq_len=64, total_batch_size=512, max_steps=40, lr=3e-3,
                       warmup_steps=4, eval_interval=20, eval_batches=2, ckpt_interval=20),
-    "small": RunPreset("small", batch_size=8, seq_len=256, total_batch_size=2048, max_steps=300, lr=1e-3,
+    "small": RunPreset("small", batch_size=8, seq_len=128, total_batch_size=1024, max_steps=200, lr=2e-3,
                        warmup_steps=20, eval_interval=50, eval_batches=8, ckpt_interval=100),
     "gpt2": RunPreset("gpt2", batch_size=64, seq_len=1024, total_batch_size=524288, max_steps=19073, lr=6e-4,
                       warmup_steps=715, eval_interval=250, eval_batches=20, ckpt_interval=5000),
