@@ -155,7 +155,7 @@ def causality_by_gradient(shape: str) -> Measurement:
         return model.lm_head(model.ln_f(x))[:, t].sum()
 
     grad = jax.grad(logit_sum_at_t)(model.wte(idx))  # (1, T, C)
-    return Measurement(f"causality by gradient [{shape}] |d logit_t / d x_s>t|",
+    return Measurement(f"causality by gradient [{shape}] max abs d logit_t / d x_s, s > t",
                        float(jnp.abs(grad[:, t + 1:]).max()), 0.0)
 
 
