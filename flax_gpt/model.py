@@ -42,16 +42,26 @@ class CausalSelfAttention(nnx.Module):
         self.n_head = config.n_head
         self.implementation = config.attention
 
-    def __call__(self, x):
+    def __call__(self, x, kv_cache=None, pos=0):
+        """x (B, T, C) -> (B, T, C); with kv_cache=(k, v), each (B, S, nh, hs), x sits at positions
+        pos..pos+T-1: its keys and values are written there and it attends to all cached ones."""
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
         q, k, v = jnp.split(qkv, 3, axis=-1)  # each (B, T, C)
         q = q.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
         k = k.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
         v = v.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)  # (B, T, nh, hs)
+        if kv_cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)  # (B, T, nh, hs)
+        else:
+            k_cache, v_cache = kv_cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1)  # (B, S, nh, hs)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1)  # (B, S, nh, hs)
+            kv_cache = (k, v)
+            visible = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]  # (T, S) causal over the cache
+            y = jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation=self.implementation)  # (B, T, nh, hs)
         y = y.reshape(B, T, C)  # (B, T, C) heads side by side
-        return self.c_proj(y)  # (B, T, C)
+        return self.c_proj(y), kv_cache  # (B, T, C)
 
 
 class MLP(nnx.Module):
@@ -74,10 +84,11 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(config, rngs)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x):
-        x = x + self.attn(self.ln_1(x))  # (B, T, C) float32 residual stream
+    def __call__(self, x, kv_cache=None, pos=0):
+        y, kv_cache = self.attn(self.ln_1(x), kv_cache, pos)
+        x = x + y  # (B, T, C) float32 residual stream
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
-        return x
+        return x, kv_cache
 
 
 class GPT(nnx.Module):
@@ -101,24 +112,45 @@ class GPT(nnx.Module):
         self.ln_f = _layer_norm(config, rngs)
 
     def __call__(self, idx, targets=None):
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = jnp.arange(T)  # (T,)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C) float32
-
-        block_def, block_params = nnx.split(self.h)  # params carry a leading n_layer axis
-
-        def run_block(x, params):
-            return nnx.merge(block_def, params)(x), None  # (B, T, C)
-
-        if self.config.remat:
-            run_block = jax.checkpoint(run_block)  # recompute activations in the backward pass
-        x, _ = jax.lax.scan(run_block, x, block_params)  # (B, T, C), one block per scan step
-        x = self.ln_f(x)  # (B, T, C) float32
+        x, _ = self.trunk(idx)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V) float32
         loss = None if targets is None else cross_entropy(logits, targets)
         return logits, loss
+
+    def decode(self, idx, kv_cache, pos):
+        """Logits (B, T, V) of idx (B, T) at positions pos..pos+T-1, reading and extending kv_cache."""
+        x, kv_cache = self.trunk(idx, kv_cache, pos)
+        return self.lm_head(x), kv_cache
+
+    def init_kv_cache(self, batch: int, length: int):
+        """Empty keys and values for `length` positions: two (n_layer, B, S, nh, hs) arrays."""
+        c = self.config
+        shape = (c.n_layer, batch, length, c.n_head, c.head_dim)
+        return jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype)
+
+    def trunk(self, idx, kv_cache=None, pos=0):
+        """Embeddings, the blocks and ln_f: (B, T) -> (B, T, C), and the updated cache."""
+        return self.blocks(self.embed(idx, pos), kv_cache, pos)
+
+    def embed(self, idx, pos=0):
+        """Token plus position embeddings of idx (B, T) at positions pos..pos+T-1: (B, T, C)."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        return self.wte(idx) + self.wpe(pos + jnp.arange(T))  # (B, T, C) float32
+
+    def blocks(self, x, kv_cache=None, pos=0):
+        """The transformer blocks, scanned over the stacked layer axis, then ln_f: (B, T, C) -> (B, T, C)."""
+        block_def, block_params = nnx.split(self.h)  # params carry a leading n_layer axis
+
+        def run_block(x, layer):
+            params, cache = layer  # one layer's parameters and (k, v) cache, or None
+            return nnx.merge(block_def, params)(x, cache, pos)  # (B, T, C), updated cache
+
+        if self.config.remat:
+            run_block = jax.checkpoint(run_block)  # recompute activations in the backward pass
+        x, kv_cache = jax.lax.scan(run_block, x, (block_params, kv_cache))  # one block per scan step
+        return self.ln_f(x), kv_cache  # (B, T, C) float32
 
     def lm_head(self, x):
         """Logits over the true vocabulary from the tied token embedding, in float32."""
@@ -133,6 +165,12 @@ class GPT(nnx.Module):
         from flax_gpt import hf  # file reading lives outside the model module
 
         return hf.load_pretrained(name_or_path, **overrides)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Write an HF GPT-2 directory (config.json, model.safetensors) that transformers loads."""
+        from flax_gpt import export  # file writing lives outside the model module
+
+        export.save_pretrained(self, out_dir)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; like nanoGPT, position embeddings are left out by default."""

@@ -147,14 +147,10 @@ def causality_by_gradient(shape: str) -> Measurement:
     idx = jnp.asarray(tokens(shape, batch=1, seq_len=12))
     t = 5
 
-    def logit_sum_at_t(x_emb):
-        pos = model.wpe.embedding[jnp.arange(idx.shape[1])]
-        block_def, block_params = nnx.split(model.h)
-        x = x_emb + pos
-        x, _ = jax.lax.scan(lambda h, p: (nnx.merge(block_def, p)(h), None), x, block_params)
-        return model.lm_head(model.ln_f(x))[:, t].sum()
+    def logit_sum_at_t(x):
+        return model.lm_head(model.blocks(x)[0])[:, t].sum()
 
-    grad = jax.grad(logit_sum_at_t)(model.wte(idx))  # (1, T, C)
+    grad = jax.grad(logit_sum_at_t)(model.embed(idx))  # (1, T, C)
     return Measurement(f"causality by gradient [{shape}] max abs d logit_t / d x_s, s > t",
                        float(jnp.abs(grad[:, t + 1:]).max()), 0.0)
 
@@ -371,6 +367,47 @@ def accumulation_equals_big_batch(shape: str = "odd", k: int = 4) -> tuple[Measu
 def all_optimizer_checks() -> list[Measurement]:
     return [schedule_vs_build_nanogpt(), *adamw_step_flax_vs_torch_ref(), trajectory_flax_vs_torch_ref(),
             *accumulation_equals_big_batch()]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+KV_CACHE_MAX_ABS = 1e-5
+
+
+def kv_cache_vs_recompute(shape: str) -> Measurement:
+    """Logits of a prefill plus one-token decode steps equal the full forward pass."""
+    model = GPT.from_pretrained(hf_dir(shape))
+    idx = tokens(shape, batch=2)
+    B, T = idx.shape
+    full = flax_logits(model, idx)  # (B, T, V)
+    cache = model.init_kv_cache(B, T + 3)  # spare slots at the end must not matter
+    prefill = 5
+    logits, cache = model.decode(jnp.asarray(idx[:, :prefill]), cache, 0)
+    pieces = [np.asarray(logits)]
+    for t in range(prefill, T):
+        logits, cache = model.decode(jnp.asarray(idx[:, t:t + 1]), cache, t)
+        pieces.append(np.asarray(logits))
+    return Measurement(f"KV-cache decode vs full recompute [{shape}] logits max abs",
+                       max_abs(np.concatenate(pieces, axis=1), full), KV_CACHE_MAX_ABS)
+
+
+def greedy_vs_transformers(shape: str, new_tokens: int = 20) -> Measurement:
+    """Greedy continuations: tokens differing from transformers' generate (with its cache)."""
+    from flax_gpt.generate import generate
+
+    idx = tokens(shape, batch=2, seq_len=6, seed=3)
+    ours = generate(GPT.from_pretrained(hf_dir(shape)), idx, new_tokens, temperature=0)
+    with torch.no_grad():
+        ref = hf_model(shape).generate(torch.from_numpy(idx), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       do_sample=False, use_cache=True, pad_token_id=0,
+                                       attention_mask=torch.ones_like(torch.from_numpy(idx))).numpy()
+    return Measurement(f"greedy generation vs transformers [{shape}] differing tokens of {ours.size}",
+                       float((ours != ref).sum()), 0.0)
+
+
+def all_generation_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
+    return [m for s in shapes for m in (kv_cache_vs_recompute(s), greedy_vs_transformers(s))]
 
 
 def all_forward_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
