@@ -1,5 +1,7 @@
 """Sampling from a GPT with a KV cache: prefill the prompt, then one-token decode steps.
 
+    python -m flax_gpt.generate --init-from out --prompt "ROMEO:" --max-new-tokens 100 --num-samples 3
+
 All shapes are fixed: the prompt is right-padded to a bucket (a multiple of 64, at most the
 context) and the cache holds bucket + max_new_tokens positions, so a (batch, bucket,
 max_new_tokens) compiles once and never per token. Padding is harmless: a decode step at
@@ -8,7 +10,11 @@ position p overwrites cache slot p before reading it, and attends to slots <= p 
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import functools
+from collections.abc import Iterator
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -44,29 +50,45 @@ def _pick(logits, key, temperature: float, top_k, top_p):
     return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(graphdef, params, prompt, prompt_len, key, max_new_tokens: int, temperature: float, top_k, top_p):
-    """prompt (B, P) right-padded, prompt_len real tokens -> new tokens (B, max_new_tokens)."""
-    B, P = prompt.shape
-    model = nnx.merge(graphdef, params)
-    cache = model.init_kv_cache(B, P + max_new_tokens)
-    logits, cache = model.decode(prompt, cache, 0)  # (B, P, V) prefill
-    last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)  # (B, V)
-    first = _pick(last, jax.random.fold_in(key, 0), temperature, top_k, top_p)  # (B,)
+SAMPLING = ("temperature", "top_k", "top_p")
 
-    def step(carry, i):
+
+def _prefill(graphdef, params, prompt, prompt_len, key, cache_len: int, temperature: float, top_k, top_p):
+    """Run the right-padded prompt (B, P) into a fresh cache; returns (first new token (B,), cache)."""
+    model = nnx.merge(graphdef, params)
+    cache = model.init_kv_cache(prompt.shape[0], cache_len)
+    logits, cache = model.decode(prompt, cache, 0)  # (B, P, V)
+    last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)  # (B, V)
+    return _pick(last, jax.random.fold_in(key, 0), temperature, top_k, top_p), cache
+
+
+def _step(graphdef, params, token, cache, pos, key, i, temperature: float, top_k, top_p):
+    """Feed token (B,) at position pos; returns (the i-th sampled token after the first (B,), cache)."""
+    logits, cache = nnx.merge(graphdef, params).decode(token[:, None], cache, pos)  # (B, 1, V)
+    return _pick(logits[:, 0], jax.random.fold_in(key, i), temperature, top_k, top_p), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", *SAMPLING))
+def _generate(graphdef, params, prompt, prompt_len, key, max_new_tokens: int, temperature: float, top_k, top_p):
+    """prompt (B, P) right-padded, prompt_len real tokens -> new tokens (B, max_new_tokens), one program."""
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    first, cache = _prefill(graphdef, params, prompt, prompt_len, key, prompt.shape[1] + max_new_tokens, **sampling)
+
+    def body(carry, i):
         token, cache = carry
-        logits, cache = nnx.merge(graphdef, params).decode(token[:, None], cache, prompt_len + i)  # (B, 1, V)
-        nxt = _pick(logits[:, 0], jax.random.fold_in(key, i + 1), temperature, top_k, top_p)  # (B,)
+        nxt, cache = _step(graphdef, params, token, cache, prompt_len + i, key, i + 1, **sampling)
         return (nxt, cache), token
 
-    (final, _), tokens = jax.lax.scan(step, (first, cache), jnp.arange(max_new_tokens - 1))  # tokens (N-1, B)
+    (final, _), tokens = jax.lax.scan(body, (first, cache), jnp.arange(max_new_tokens - 1))  # tokens (N-1, B)
     return jnp.concatenate([tokens.T, final[:, None]], axis=1)  # (B, max_new_tokens)
 
 
-def generate(model: GPT, idx, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> np.ndarray:
-    """Continue prompts idx (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens) ids."""
+_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cache_len", *SAMPLING))
+_step_jit = jax.jit(_step, static_argnames=("graphdef", *SAMPLING), donate_argnames=("cache",))
+
+
+def _check_and_pad(model: GPT, idx, max_new_tokens: int, temperature, top_k, top_p):
+    """Validate a request; returns (right-padded prompt (B, P), prompt length)."""
     idx = np.asarray(idx, np.int32)
     B, T0 = idx.shape
     block = model.config.block_size
@@ -82,7 +104,99 @@ def generate(model: GPT, idx, max_new_tokens: int, *, temperature: float = 1.0,
     bucket = min(-(-T0 // PROMPT_BUCKET) * PROMPT_BUCKET, block)
     prompt = np.zeros((B, bucket), np.int32)  # (B, P) right-padded
     prompt[:, :T0] = idx
+    return jnp.asarray(prompt), T0
+
+
+def generate(model: GPT, idx, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> np.ndarray:
+    """Continue prompts idx (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens) ids."""
+    prompt, T0 = _check_and_pad(model, idx, max_new_tokens, temperature, top_k, top_p)
     graphdef, params = nnx.split(model)
-    new = _generate(graphdef, params, jnp.asarray(prompt), jnp.int32(T0), jax.random.key(seed),
+    new = _generate(graphdef, params, prompt, jnp.int32(T0), jax.random.key(seed),
                     max_new_tokens, float(temperature), top_k, top_p)
-    return np.concatenate([idx, np.asarray(new)], axis=1)
+    return np.concatenate([np.asarray(idx, np.int32), np.asarray(new)], axis=1)
+
+
+def stream(model: GPT, idx, max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> Iterator[np.ndarray]:
+    """Yield the new tokens (B,) one step at a time; the same tokens generate() returns."""
+    prompt, T0 = _check_and_pad(model, idx, max_new_tokens, temperature, top_k, top_p)
+    graphdef, params = nnx.split(model)
+    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+    key = jax.random.key(seed)
+    token, cache = _prefill_jit(graphdef, params, prompt, jnp.int32(T0), key, prompt.shape[1] + max_new_tokens, **sampling)
+    for i in range(1, max_new_tokens):
+        yield np.asarray(token)
+        token, cache = _step_jit(graphdef, params, token, cache, jnp.int32(T0 + i - 1), key, i, **sampling)
+    yield np.asarray(token)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """Sample text from a training checkpoint, an HF directory or a hub id."""
+
+    init_from: str  # a training out dir / checkpoints dir, an HF directory, or a hub id (gpt2, ...)
+    prompt: str = "\n"  # text to continue
+    max_new_tokens: int = 100
+    num_samples: int = 3
+    seed: int = 1337
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int | None = 50
+    top_p: float | None = None
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    debug: bool = False  # show tracebacks instead of one-line errors
+
+
+def _print_stream(enc, prompt_ids: list[int], tokens: Iterator[np.ndarray], out) -> list[int]:
+    """Print the prompt, then each new token's text as it arrives; returns all ids."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
+    out.write(enc.decode(prompt_ids))
+    ids = list(prompt_ids)
+    for token in tokens:
+        ids.append(int(token[0]))
+        out.write(decoder.decode(enc.decode_single_token_bytes(ids[-1])))
+        out.flush()
+    out.write(decoder.decode(b"", final=True) + "\n")
+    return ids
+
+
+def main(argv=None) -> int:
+    import sys
+
+    import tyro
+
+    from flax_gpt.load import load_model
+    from flax_gpt.tokenizer import get_encoding
+
+    cfg = tyro.cli(GenerateConfig, args=argv, description=__doc__)
+    try:
+        import jax
+
+        platform = jax.devices()[0].platform
+        dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(cfg.dtype, "float32" if platform == "cpu" else "bfloat16")
+        if cfg.num_samples < 1:
+            raise UserError(f"--num-samples must be at least 1, got {cfg.num_samples}")
+        model = load_model(cfg.init_from, dtype=dtype)
+        enc = get_encoding()
+        prompt_ids = enc.encode(cfg.prompt, allowed_special={"<|endoftext|>"})
+        if model.config.vocab_size < enc.n_vocab:
+            raise UserError(f"{cfg.init_from}: the model's vocabulary ({model.config.vocab_size}) is smaller than "
+                            f"GPT-2's ({enc.n_vocab}); it was not trained on GPT-2 tokens")
+        for k in range(cfg.num_samples):
+            print(f"--- sample {k + 1}/{cfg.num_samples} (seed {cfg.seed + k})")
+            tokens = stream(model, [prompt_ids], cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed + k)
+            _print_stream(enc, prompt_ids, tokens, sys.stdout)
+    except UserError as e:
+        if cfg.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -51,3 +51,14 @@ def test_decode_compiles_once_per_bucket():
     for length in (3, 7, 11):  # one prompt bucket (<= 64), same batch and max_new_tokens
         generate(model, checks.tokens("tiny", batch=1, seq_len=length), 6, temperature=0)
     assert gen._generate._cache_size() - before == 1
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=10, seed=4),
+                                      dict(temperature=0.9, top_p=0.8, seed=2)])
+def test_stream_yields_what_generate_returns(sampling):
+    from flax_gpt.generate import stream
+
+    model = GPT.from_pretrained(checks.hf_dir("odd"))
+    idx = checks.tokens("odd", batch=2, seq_len=5)
+    streamed = np.stack(list(stream(model, idx, 15, **sampling)), axis=1)  # (B, 15)
+    assert (generate(model, idx, 15, **sampling)[:, 5:] == streamed).all()
