@@ -145,39 +145,14 @@ def _model_config(cfg: TrainConfig, dtype: str) -> GPTConfig:
         raise UserError(str(e)) from None
 
 
-def _checkpoint_dir(path: Path) -> Path | None:
-    """The orbax directory of a flax_gpt run dir or checkpoints dir, if `path` is one."""
-    for candidate in (path / "checkpoints", path):
-        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
-            return candidate
-    return None
-
-
 def init_model(cfg: TrainConfig, dtype: str):
     """The starting model: fresh GPT-2 init, HF weights, or the params of a training checkpoint."""
+    from flax_gpt.load import load_model
     from flax_gpt.model import GPT
 
     if cfg.init_from == "scratch":
         return GPT(_model_config(cfg, dtype), seed=cfg.seed)
-    ckpt_dir = _checkpoint_dir(Path(cfg.init_from).expanduser()) if Path(cfg.init_from).expanduser().is_dir() else None
-    if ckpt_dir is not None:
-        return load_checkpoint_model(ckpt_dir, dtype)
-    return GPT.from_pretrained(cfg.init_from, dtype=dtype)
-
-
-def load_checkpoint_model(ckpt_dir: Path, dtype: str | None = None):
-    """A GPT holding the latest parameters saved under ckpt_dir (an orbax checkpoints directory)."""
-    from flax import nnx
-
-    from flax_gpt.checkpoint import Checkpointer, abstract_like
-    from flax_gpt.model import GPT
-
-    ckpt = Checkpointer(ckpt_dir, read_only=True)
-    meta = ckpt.restore_meta()
-    config = GPTConfig(**{**meta["model_config"], **({"dtype": dtype} if dtype else {})})
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config)), nnx.Param)
-    params = ckpt.restore_params(abstract_like(abstract))
-    return nnx.merge(graphdef, params)
+    return load_model(cfg.init_from, dtype)
 
 
 # ----------------------------------------------------------------------------- the run
