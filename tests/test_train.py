@@ -1,0 +1,559 @@
+"""`python train.py` end to end: real runs in subprocesses, kill / Ctrl-C and exact resume, fine-tuning
+starts, and one-line errors for bad input.
+
+The subprocess runs are slow to start (jax import + compile), so a background scheduler launches every run
+the selected tests need as soon as its inputs exist, two at a time (this machine has 2 cores), while the
+in-process tests run; tests then wait for the runs they check. The runs share a JAX persistent compilation
+cache (same flags -> same executables, so only the first run of a shape compiles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from flax_gpt.optim import OptimConfig, lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO / "train.py"
+PYTHON = sys.executable
+MAX_SECONDS = 240  # per subprocess; a hung run fails its tests instead of hanging the suite
+
+
+def with_args(base: list[str], extra: list[str]) -> list[str]:
+    """base with the flags in extra replaced or added."""
+    args, i = list(base), 0
+    while i < len(extra):
+        flag = extra[i]
+        has_value = i + 1 < len(extra) and not extra[i + 1].startswith("--")
+        if flag in args:
+            j = args.index(flag)
+            del args[j : j + (2 if has_value else 1)]
+        args += extra[i : i + (2 if has_value else 1)]
+        i += 2 if has_value else 1
+    return args
+
+
+# tiny settings: 2x16 tokens per step; the tiny preset's model is 2 layers, 32 wide, block_size 64
+COMMON = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+          "--sample-tokens", "8", "--data", "corpus.txt"]
+SHORT = [*COMMON, "--max-steps", "6", "--eval-interval", "3", "--ckpt-interval", "2"]  # test (a)
+LONG = [*with_args(COMMON, ["--sample-tokens", "0"]), "--max-steps", "20", "--eval-interval", "5",
+        "--ckpt-interval", "2", "--no-progress"]  # resume tests: long enough to stop mid-run
+LONG_STEPS = 20
+SIGNAL_AT_STEP = 3  # kill / interrupt once the train loss of this step is in metrics.jsonl
+CTRL_C_CKPT_INTERVAL = 7  # the Ctrl-C run: checkpoints every 7 steps (numerics unchanged), so its stop is off-interval
+
+WORDS = ("the king and queen of the old town spoke of love and war while a quick brown fox ran over "
+         "the hill to find bread wine and gold for the long winter night").split()
+
+
+def corpus_text(n_lines: int = 120, seed: int = 0) -> str:
+    """A few KB of English-like text (about 1.4k GPT-2 tokens for 120 lines)."""
+    rng = np.random.default_rng(seed)
+    lines = [" ".join(rng.choice(WORDS, size=rng.integers(6, 13))).capitalize() + "." for _ in range(n_lines)]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- records and files
+
+
+def read_records(out: Path) -> list[dict]:
+    """metrics.jsonl of a run (complete lines only: a killed run may leave half a line)."""
+    records = []
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
+def train_losses(records: list[dict]) -> dict[int, float]:
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step is recorded twice: {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def val_losses(records: list[dict]) -> dict[int, float]:
+    steps = [r["step"] for r in records if "val_loss" in r]
+    assert len(steps) == len(set(steps)), f"a val step is recorded twice: {steps}"
+    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
+def ckpt_steps(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+def snapshot(root: Path, skip: tuple[str, ...] = ("cache", "jax_cache")) -> dict[str, str]:
+    """{relative path: sha256} of every file under root (but the caches)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and rel.parts[0] not in skip:
+            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def assert_one_error_line(stderr: str) -> str:
+    """The user sees exactly one line, `error: ...`, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- background runs
+
+
+@dataclass
+class Spec:
+    argv: list[str]  # after `python train.py`, or a full command if `command` is set
+    deps: tuple[str, ...] = ()  # runs that must have finished first
+    later_than: tuple[str, ...] = ()  # runs to let finish first if they run at all (compile cache reuse)
+    signal_at: tuple[int, str, bool] | None = None  # (signal, out dir, wait for a checkpoint): see _reap
+    before: Callable[[], dict] | None = None  # called just before the start; its dict lands in Result.extra
+    after: Callable[[], dict] | None = None  # called right after the end (before dependents start)
+    command: bool = False
+
+
+@dataclass
+class Result:
+    name: str
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    signalled_after: int | None = None  # the last train step recorded when the signal was sent
+    extra: dict = field(default_factory=dict)
+
+
+class Scheduler:
+    """Runs the wanted specs (plan order, deps first) in a background thread, `slots` at a time."""
+
+    def __init__(self, specs: dict[str, Spec], wanted: set[str], cwd: Path, env: dict, slots: int = 2):
+        self.specs, self.cwd, self.env, self.slots = specs, cwd, env, slots
+        self.pending = [name for name in specs if name in wanted]
+        self.running: dict[str, tuple] = {}
+        self.done: dict[str, Result] = {}
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        self.stop = False
+        self.t0 = time.perf_counter()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def result(self, name: str) -> Result:
+        assert name in self.specs
+        with self.cond:
+            if name not in self.done and name not in self.pending and name not in self.running:
+                self.pending.insert(0, name)  # not foreseen: run it next
+            while name not in self.done and self.error is None:
+                self.cond.wait(1)
+            if self.error is not None:
+                raise self.error
+            return self.done[name]
+
+    def close(self):
+        self.stop = True
+        self.thread.join(30)
+        with open(self.cwd / "timings.txt", "w") as f:  # seconds per run, for tuning the suite
+            for r in self.done.values():
+                f.write(f"{r.name:14s} rc {r.returncode:4d} start {r.extra['started_at']:6.1f} "
+                        f"took {r.seconds:6.1f} s\n")
+        for proc, *_ in self.running.values():
+            proc.kill()
+
+    def _loop(self):
+        try:
+            while not self.stop:
+                with self.cond:
+                    self._reap()
+                    self._start()
+                    self.cond.notify_all()
+                time.sleep(0.01)
+        except BaseException as e:  # surface scheduler bugs in the waiting test
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+
+    def _start(self):
+        for name in list(self.pending):
+            if len(self.running) >= self.slots:
+                return
+            spec = self.specs[name]
+            if not all(d in self.done for d in spec.deps) or any(
+                    d in self.pending or d in self.running for d in spec.later_than):
+                continue
+            self.pending.remove(name)
+            extra = spec.before() if spec.before else {}
+            extra["started_at"] = time.perf_counter() - self.t0
+            cmd = spec.argv if spec.command else [PYTHON, str(TRAIN_PY), *spec.argv]
+            out = open(self.cwd / f"{name}.stdout", "w"), open(self.cwd / f"{name}.stderr", "w")
+            proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=out[0], stderr=out[1],
+                                    stdin=subprocess.DEVNULL)
+            self.running[name] = (proc, out, time.perf_counter(), extra, [None])
+
+    def _reap(self):
+        for name, (proc, out, t0, extra, signalled) in list(self.running.items()):
+            spec = self.specs[name]
+            if spec.signal_at and signalled[0] is None and proc.poll() is None:
+                sig, out_dir, need_ckpt = spec.signal_at
+                steps = train_losses(read_records(self.cwd / out_dir))
+                # SIGKILL also waits for a complete checkpoint: orbax writes in the background, and a run
+                # killed before its first checkpoint lands has nothing to resume from (--resume says so)
+                if steps and max(steps) >= SIGNAL_AT_STEP and (ckpt_steps(self.cwd / out_dir) or not need_ckpt):
+                    proc.send_signal(sig)
+                    signalled[0] = max(steps)
+            if proc.poll() is None and time.perf_counter() - t0 > MAX_SECONDS:
+                proc.kill()
+            if proc.poll() is None:
+                continue
+            for f in out:
+                f.close()
+            if spec.after:
+                extra.update(spec.after())
+            self.done[name] = Result(name, proc.returncode, (self.cwd / f"{name}.stdout").read_text(),
+                                     (self.cwd / f"{name}.stderr").read_text(), time.perf_counter() - t0,
+                                     signalled[0], extra)
+            del self.running[name]
+
+
+def needs(*names):
+    """Mark a test with the background runs it checks (the scheduler starts only those)."""
+    def mark(fn):
+        fn.needs = names
+        return fn
+    return mark
+
+
+HF_SCRIPT = """
+import sys, torch
+from transformers import GPT2Config, GPT2LMHeadModel
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
+with torch.no_grad():  # far from GPT-2's init (large logits), so a run that ignored these weights shows it
+    for p in model.parameters():
+        p.normal_(0.0, 0.1)
+    model.transformer.wte.weight.normal_(0.0, 1.0)
+    model.transformer.ln_f.weight.fill_(1.0)
+model.save_pretrained(sys.argv[1])
+"""
+
+
+def make_specs(work: Path) -> dict[str, Spec]:
+    def state_of(out):  # what a killed / interrupted run left on disk
+        return lambda: {"ckpts": ckpt_steps(work / out), "records": read_records(work / out)}
+
+    return {  # plan order, 2 at a time: a20 compiles the shapes most runs share while cheap runs go beside it
+        "a20": Spec([*LONG, "--out-dir", "a20"]),
+        "hf_model": Spec([PYTHON, "-c", HF_SCRIPT, str(work / "hf_model")], command=True),
+        "err_binary": Spec(with_args(COMMON, ["--data", "binary.dat", "--out-dir", "err_binary"])),
+        "err_metal": Spec([*COMMON, "--device", "metal", "--out-dir", "err_metal"]),
+        "a6": Spec([*SHORT, "--out-dir", "a6"]),
+        "b_kill": Spec([*LONG, "--out-dir", "b"], deps=("a20",), signal_at=(signal.SIGKILL, "b", True),
+                       after=state_of("b")),
+        "c_int": Spec(with_args(LONG, ["--out-dir", "c", "--ckpt-interval", str(CTRL_C_CKPT_INTERVAL)]),
+                      deps=("a20",), signal_at=(signal.SIGINT, "c", False), after=state_of("c")),
+        "b_resume": Spec([*LONG, "--out-dir", "b", "--resume"], deps=("b_kill",)),
+        # after b_resume: a resumed run's restored (committed) arrays lower to other executables than a fresh
+        # run's, so the first resume compiles them and the second finds them in the cache
+        "c_resume": Spec(with_args(LONG, ["--out-dir", "c", "--ckpt-interval", str(CTRL_C_CKPT_INTERVAL),
+                                          "--resume"]), deps=("c_int",), later_than=("b_resume",)),
+        # a6's flags and shapes: after a6, hf finds every executable it needs in the compile cache
+        "hf": Spec([*SHORT, "--init-from", "hf_model", "--out-dir", "hf", "--no-progress"], deps=("hf_model",),
+                   later_than=("a6",)),
+        "f": Spec(with_args(SHORT, ["--max-steps", "2", "--init-from", "a6", "--out-dir", "f", "--no-progress"]),
+                  deps=("a6",), later_than=("b_resume",)),
+        "err_existing": Spec([*SHORT, "--out-dir", "a6"], deps=("a6",), later_than=("f",),  # f reads a6
+                             before=lambda: {"before": snapshot(work / "a6")},
+                             after=lambda: {"after": snapshot(work / "a6")}),
+    }
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The working directory of every run: corpus.txt, binary.dat, and the caches."""
+    work = tmp_path_factory.mktemp("train_runs")
+    (work / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
+    (work / "binary.dat").write_bytes(bytes(range(256)) * 8)
+    return work
+
+
+@pytest.fixture(scope="module")
+def runs(work, request):
+    env = {**os.environ, "FLAX_GPT_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+           "JAX_COMPILATION_CACHE_DIR": str(work / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    specs = make_specs(work)
+    wanted = set()
+    for item in request.session.items:
+        if item.module is request.module:
+            wanted.update(getattr(item.function, "needs", ()))
+    while True:  # and everything those depend on
+        more = {d for name in wanted for d in specs[name].deps} - wanted
+        if not more:
+            break
+        wanted |= more
+    scheduler = Scheduler(specs, wanted, work, env, slots=min(2, os.cpu_count() or 1))
+    yield scheduler
+    scheduler.close()
+
+
+# ----------------------------------------------------------------------------- in process: bad input
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("train_cli", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """train.py's main(), run in tmp_path with its own token cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLAX_GPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
+    return load_cli()
+
+
+def short_text_case(tmp: Path):
+    from flax_gpt.tokenizer import get_encoding
+
+    text = "To be, or not to be: that is the question.\n"
+    (tmp / "short.txt").write_text(text)
+    n = len(get_encoding().encode_ordinary(text))
+    n_train = n - int(n * 0.1)  # prepare() keeps the last 10% for validation
+    return ["--data", "short.txt"], [f"{n_train} tokens", "2*16+1 = 33"]
+
+
+def write(path: Path, content: str | bytes) -> str:
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path.name
+
+
+BAD_INPUT = {  # id: (setup(tmp) -> (extra args, fragments the message must hold))
+    "missing_data": lambda tmp: (["--data", "no_such_file.txt"], ["--data no_such_file.txt", "does not exist"]),
+    "empty_file": lambda tmp: (["--data", write(tmp / "empty.txt", "")], ["empty.txt", "is empty"]),
+    "not_utf8": lambda tmp: (["--data", write(tmp / "latin1.txt", "café au lait\n".encode("latin-1") * 50)],
+                             ["latin1.txt", "not UTF-8", "0xe9", "offset 3"]),
+    "shorter_than_a_batch": short_text_case,
+    "unknown_preset": lambda tmp: (["--preset", "huge"], ["unknown preset 'huge'", "tiny"]),
+    "batch_size_0": lambda tmp: (["--batch-size", "0"], ["--batch-size must be positive, got 0"]),
+    "total_batch_not_multiple": lambda tmp: (["--total-batch-size", "100"],
+                                             ["--total-batch-size 100", "multiple", "32"]),
+    "seq_len_above_block_size": lambda tmp: (["--seq-len", "65"], ["--seq-len 65", "block_size 64"]),
+    "init_from_dir_without_config": lambda tmp: ((tmp / "not_a_model").mkdir() or ["--init-from", "not_a_model"],
+                                                 ["not_a_model", "config.json"]),
+    "resume_without_checkpoint": lambda tmp: (["--resume"], ["--resume", "no checkpoint"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_error_line_and_exit_2(case, cli, tmp_path, capsys):
+    extra, fragments = BAD_INPUT[case](tmp_path)
+    argv = with_args([*COMMON, "--max-steps", "6", "--no-progress"], extra)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    line = assert_one_error_line(captured.err)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert captured.out == ""
+    after = snapshot(tmp_path)
+    assert before.items() <= after.items(), "an existing file was deleted or changed"
+    assert not ckpt_steps(tmp_path / "out")
+
+
+def test_debug_reraises(cli):
+    from flax_gpt.errors import UserError
+
+    with pytest.raises(UserError, match="no_such_file.txt.*does not exist"):
+        cli.main(with_args(COMMON, ["--data", "no_such_file.txt", "--debug"]))
+
+
+# ----------------------------------------------------------------------------- subprocess runs
+
+
+@needs("a6")
+def test_run_writes_metrics_plot_and_checkpoints(runs, work):
+    r = runs.result("a6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = work / "a6"
+    records = read_records(out)
+    losses = train_losses(records)
+    assert sorted(losses) == list(range(6))
+    assert all(math.isfinite(v) for v in losses.values())
+    vals = val_losses(records)
+    assert sorted(vals) == [0, 3, 6]
+    assert vals[6] < vals[0], vals  # measured: 10.840 -> 10.364
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ckpt_steps(out) == [2, 4, 6]  # keep_checkpoints=3: the newest three, the final step included
+    assert "checkpoint a6/checkpoints/6" in r.stdout and "plot a6/loss.png" in r.stdout, r.stdout
+    assert f"val loss {vals[0]:.4f} (step 0) -> {vals[6]:.4f} (step 6)" in r.stdout, r.stdout
+    assert "Traceback" not in r.stderr
+    # the lr of every step is build-nanogpt's get_lr for the tiny preset (lr 3e-3, 4 warmup steps, 6 steps)
+    optim = OptimConfig(lr=3e-3, warmup_steps=4, max_steps=6)
+    lrs = {rec["step"]: rec["lr"] for rec in records if "lr" in rec}
+    assert lrs == {s: pytest.approx(lr_at(s, optim), rel=1e-6) for s in range(6)}
+
+
+@needs("a6")
+def test_resume_of_a_finished_run_changes_nothing(runs, work, cli, tmp_path, capsys):
+    assert runs.result("a6").returncode == 0
+    shutil.copytree(work / "a6", tmp_path / "a6")
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert cli.main(with_args(SHORT, ["--out-dir", "a6", "--resume", "--no-progress"])) == 2
+    line = assert_one_error_line(capsys.readouterr().err)
+    assert "step 6" in line and "--max-steps" in line, line
+    assert snapshot(tmp_path).items() >= before.items()  # the final val record and the plot are kept
+
+
+def check_exact_resume(reference: Result, interrupted: Result, resumed: Result, out: Path) -> int:
+    """The resumed run's metrics equal the uninterrupted ones step for step; returns the resume step."""
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume_step = max(interrupted.extra["ckpts"])
+    assert 0 < resume_step < LONG_STEPS, interrupted.extra["ckpts"]
+    assert f"done: {LONG_STEPS - resume_step} steps" in resumed.stdout, resumed.stdout  # continued from there
+    assert f"checkpoint {out.name}/checkpoints/{LONG_STEPS}" in resumed.stdout
+
+    ref, got = read_records(reference_dir := out.parent / "a20"), read_records(out)
+    assert reference_dir.is_dir()
+    # records before the checkpoint step are the interrupted process's own, kept as written
+    kept = [r for r in interrupted.extra["records"] if r["step"] < resume_step]
+    assert got[: len(kept)] == kept
+    for key in ("loss", "grad_norm", "lr"):
+        a = {r["step"]: r[key] for r in ref if key in r}
+        b = {r["step"]: r[key] for r in got if key in r}
+        assert sorted(b) == list(range(LONG_STEPS))
+        # exact, measured: max |diff| 0.0 for every step's loss, grad_norm, lr and val loss (fp32 on CPU)
+        assert b == a, (key, {s: (a[s], b[s]) for s in a if a[s] != b.get(s)})
+    assert val_losses(got) == val_losses(ref)
+    assert sorted(val_losses(got)) == [0, 5, 10, 15, 20]
+    assert ckpt_steps(out)[-1] == LONG_STEPS
+    return resume_step
+
+
+@needs("a20", "b_kill", "b_resume")
+def test_resume_after_sigkill_is_exact(runs, work):
+    killed = runs.result("b_kill")
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    assert killed.signalled_after is not None and killed.signalled_after >= SIGNAL_AT_STEP
+    assert max(train_losses(killed.extra["records"])) < LONG_STEPS - 1  # really killed mid-run
+    check_exact_resume(runs.result("a20"), killed, runs.result("b_resume"), work / "b")
+
+
+@needs("a20", "c_int", "c_resume")
+def test_ctrl_c_checkpoints_exits_130_and_resumes_exactly(runs, work):
+    interrupted = runs.result("c_int")
+    assert interrupted.returncode == 130, (interrupted.returncode, interrupted.stderr[-3000:])
+    assert "Traceback" not in interrupted.stderr
+    assert "interrupted: checkpoint written; continue with --resume" in interrupted.stderr
+    records = interrupted.extra["records"]
+    reached = max(train_losses(records)) + 1  # steps done when the loop stopped
+    assert SIGNAL_AT_STEP < reached < LONG_STEPS
+    # the interval's checkpoints so far, plus one at the step reached (off the interval unless by chance)
+    assert interrupted.extra["ckpts"] == [*range(CTRL_C_CKPT_INTERVAL, reached, CTRL_C_CKPT_INTERVAL), reached]
+    assert f"done: {reached} steps" in interrupted.stdout, interrupted.stdout
+    assert f"checkpoint c/checkpoints/{reached}" in interrupted.stdout, interrupted.stdout
+    assert check_exact_resume(runs.result("a20"), interrupted, runs.result("c_resume"), work / "c") == reached
+
+
+def eval_loss(model, work: Path, monkeypatch) -> float:
+    """The run's step-0 val loss, recomputed here: mean eval-step loss over the first val batch."""
+    import jax
+    from flax import nnx
+
+    from flax_gpt import data
+    from flax_gpt.train_step import make_eval_step
+
+    monkeypatch.setenv("FLAX_GPT_CACHE", str(work / "cache"))
+    tokens = data.prepare(work / "corpus.txt")
+    graphdef, params = nnx.split(model, nnx.Param)
+    eval_step = make_eval_step(graphdef)
+    losses = [eval_step(params, x, y) for x, y in data.eval_batches(tokens.val, 2, 16, 1)]
+    return float(np.mean(jax.device_get(losses)))
+
+
+@needs("hf_model", "hf", "a6")
+def test_init_from_local_hf_directory(runs, work, monkeypatch):
+    from flax_gpt import GPT
+
+    assert runs.result("hf_model").returncode == 0, runs.result("hf_model").stderr[-3000:]
+    r = runs.result("hf")
+    assert r.returncode == 0, r.stderr[-3000:]
+    vals = val_losses(read_records(work / "hf"))
+    assert sorted(vals) == [0, 3, 6] and sorted(train_losses(read_records(work / "hf"))) == list(range(6))
+    expected = eval_loss(GPT.from_pretrained(str(work / "hf_model")), work, monkeypatch)
+    # measured: 29.739462 in the run and here, equal to the last bit (the eager model call: 29.739468);
+    # fine-tuning then lowers it (measured 29.74 -> 26.55 after 6 steps)
+    assert vals[0] == pytest.approx(expected, rel=1e-5)
+    scratch = val_losses(read_records(work / "a6"))[0]
+    assert abs(scratch - expected) > 1.0, (scratch, expected)  # the check tells the two inits apart (10.84)
+    assert vals[6] < vals[0], vals
+
+
+@needs("a6", "f")
+def test_init_from_a_run_directory(runs, work):
+    source = val_losses(read_records(work / "a6"))
+    r = runs.result("f")
+    assert r.returncode == 0, r.stderr[-3000:]
+    vals = val_losses(read_records(work / "f"))
+    # the source run's final params (checkpoint 6) on the same val batch; measured: 10.363618 both, bit-equal
+    assert vals[0] == pytest.approx(source[6], rel=1e-6), (vals[0], source[6])
+    assert vals[0] != pytest.approx(source[0], rel=1e-3)
+    assert sorted(vals) == [0, 2] and ckpt_steps(work / "f") == [2]
+
+
+@needs("err_binary", "err_metal")
+@pytest.mark.parametrize("name, fragments", [
+    ("err_binary", ["binary.dat", "not UTF-8", "NUL byte at offset 0"]),
+    ("err_metal", ["--device metal", "pip install"]),
+])
+def test_bad_input_in_a_real_process(runs, work, name, fragments):
+    r = runs.result(name)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    line = assert_one_error_line(r.stderr)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert r.stdout == ""
+    assert (work / "binary.dat").read_bytes() == bytes(range(256)) * 8  # the input is left as it was
+    assert not ckpt_steps(work / name)
+
+
+@needs("a6", "err_existing")
+def test_fresh_run_refuses_an_out_dir_with_checkpoints(runs, work):
+    r = runs.result("err_existing")
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    line = assert_one_error_line(r.stderr)
+    assert "a6 already holds a run's checkpoints" in line and "--resume" in line, line
+    assert r.extra["before"] == r.extra["after"]  # not one file of the old run changed or went
+    assert ckpt_steps(work / "a6") == [2, 4, 6]
