@@ -25,6 +25,8 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not summary["is_main"]:  # one process of several: process 0 reports
+        return 130 if summary["interrupted"] else 0
     vals = summary["val_losses"]
     if vals:
         print(f"val loss {vals[0][1]:.4f} (step {vals[0][0]}) -> {vals[-1][1]:.4f} (step {vals[-1][0]})")

@@ -49,8 +49,10 @@ def peak_flops(dtype: str) -> tuple[float, str]:
 class MetricsLog:
     """One JSON object per line in OUT_DIR/metrics.jsonl; a resumed run drops steps it will redo."""
 
-    def __init__(self, path: Path, resume_from_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, resume_from_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled  # only one process of a multi-process run writes
+        if not enabled:
+            return
         if resume_from_step is None:
             path.write_text("")
         elif path.exists():
@@ -58,10 +60,14 @@ class MetricsLog:
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
+        if not self.enabled:
+            return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
 

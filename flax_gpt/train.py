@@ -42,6 +42,7 @@ class TrainConfig:
     sample_tokens: int = 64  # tokens sampled at each evaluation; 0 turns sampling off
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "metal"] = "auto"
+    sharding: Literal["auto", "none", "dp", "fsdp"] = "auto"  # auto: dp when more than one device is visible
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype; auto: bf16 on GPU/TPU, fp32 on CPU
     n_layer: int | None = None  # model overrides of the preset's shape (scratch runs only)
     n_head: int | None = None
@@ -84,24 +85,31 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                                              "eval_interval", "eval_batches", "ckpt_interval")
               if getattr(cfg, f) is None}
     cfg = dataclasses.replace(cfg, **filled)
-    if cfg.total_batch_size is None:
-        # keep the preset's accumulation factor when B or T were changed
-        per_micro = base.batch_size * base.seq_len
-        cfg = dataclasses.replace(cfg, total_batch_size=cfg.batch_size * cfg.seq_len * max(1, base.total_batch_size // per_micro))
     for name in ("max_steps", "batch_size", "seq_len", "total_batch_size", "eval_interval", "eval_batches",
                  "ckpt_interval", "keep_checkpoints"):
-        if getattr(cfg, name) <= 0:
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.warmup_steps < 0 or cfg.sample_tokens < 0:
         raise UserError("--lr must be positive and --warmup-steps, --sample-tokens non-negative")
-    micro = cfg.batch_size * cfg.seq_len
-    if cfg.total_batch_size % micro:
-        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of batch_size*seq_len = {micro}")
+    if cfg.total_batch_size is not None:
+        grad_accum_steps(cfg)  # raises early if the total batch is not a whole number of micro batches
     return cfg
 
 
-def grad_accum_steps(cfg: TrainConfig) -> int:
-    return cfg.total_batch_size // (cfg.batch_size * cfg.seq_len)
+def grad_accum_steps(cfg: TrainConfig, process_count: int = 1) -> int:
+    """Micro steps per optimizer step: total_batch_size / (B * T * processes).
+
+    Without --total-batch-size, the preset's accumulation factor is divided among the
+    processes first (gpt2: 8 micro steps on 1 GPU, 1 on 8 GPUs: 524288 tokens either way).
+    """
+    if cfg.total_batch_size is None:
+        base = RUN_PRESETS[cfg.preset]
+        return max(1, base.total_batch_size // (base.batch_size * base.seq_len) // process_count)
+    per_micro = cfg.batch_size * cfg.seq_len * process_count
+    if cfg.total_batch_size % per_micro:
+        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of batch_size*seq_len*processes "
+                        f"= {per_micro}")
+    return cfg.total_batch_size // per_micro
 
 
 def select_device(device: str) -> str:
@@ -118,13 +126,15 @@ def select_device(device: str) -> str:
                             "is unmaintained upstream and works only with the jax it pins)") from None
         jax.config.update("jax_platforms", "METAL")
     elif device == "cuda":
-        try:
-            jax.devices("cuda")
-        except RuntimeError:
-            raise UserError("--device cuda but JAX sees no CUDA GPU: pip install 'flax-gpt[cuda]' on a machine "
-                            "with an NVIDIA driver") from None
         jax.config.update("jax_platforms", "cuda")
-    return jax.devices()[0].platform
+    from flax_gpt.sharding import initialize_distributed
+
+    initialize_distributed()  # before anything asks for devices; a no-op for a single process
+    try:
+        return jax.devices()[0].platform
+    except RuntimeError:
+        raise UserError(f"--device {device}: JAX finds no such device (for cuda: pip install 'flax-gpt[cuda]' "
+                        "on a machine with an NVIDIA driver)") from None
 
 
 def compute_dtype(dtype: str, platform: str) -> str:
@@ -177,6 +187,7 @@ def run(cfg: TrainConfig) -> dict:
     from flax_gpt.checkpoint import Checkpointer, abstract_like
     from flax_gpt.generate import generate
     from flax_gpt.metrics import MetricsLog, flops_per_token, peak_flops, plot_losses
+    from flax_gpt import sharding as shard
     from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
     from flax_gpt.tokenizer import get_encoding
     from flax_gpt.train_step import init_state, make_eval_step, make_train_step
@@ -190,15 +201,33 @@ def run(cfg: TrainConfig) -> dict:
     config = model.config
     if cfg.seq_len > config.block_size:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {config.block_size}")
-    accum = grad_accum_steps(cfg)
-    loader = data_lib.DataLoader(tokens.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    val_batches = data_lib.eval_batches(tokens.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    n_proc, proc = jax.process_count(), jax.process_index()
+    is_main = proc == 0
+    accum = grad_accum_steps(cfg, n_proc)
+    strategy = shard.resolve_strategy(cfg.sharding)
+    if strategy != "none":
+        shard.check_batch_divides(cfg.batch_size, n_proc, jax.local_device_count())
+    loader = data_lib.DataLoader(tokens.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                                 process_index=proc, process_count=n_proc)
+    val_batches = data_lib.eval_batches(tokens.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
+                                        process_index=proc, process_count=n_proc)
 
     optim_cfg = OptimConfig(lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, warmup_steps=max(cfg.warmup_steps, 1),
                             max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     tx = make_optimizer(optim_cfg)
     graphdef, state = init_state(model, tx)
     del model  # the state owns the parameters from here on
+    state_sh = batch_sh = eval_batch_sh = None
+    if strategy != "none":
+        mesh = shard.make_mesh()
+        state_sh = shard.state_shardings(state, mesh, strategy)
+        batch_sh = shard.batch_sharding(mesh)
+        eval_batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard.AXIS, None))
+        state = jax.device_put(jax.device_get(state), state_sh)  # identical on every process (same seed)
+
+    def to_device(local, sharding):
+        """This process's numpy rows as (its part of) a device array."""
+        return jnp.asarray(local) if sharding is None else shard.global_batch(local, sharding)
 
     ckpt = Checkpointer(ckpt_root, keep=cfg.keep_checkpoints)
     start_step = 0
@@ -208,25 +237,31 @@ def run(cfg: TrainConfig) -> dict:
             raise UserError(f"--resume: {ckpt_root} holds a model {meta['model_config']}, not the requested {_config_record(config)}")
         loader.load_state_dict(meta["loader"])
         start_step = int(state.step)
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if cfg.resume else None)
+        if start_step >= cfg.max_steps:  # nothing to redo: MetricsLog would drop the final val record
+            raise UserError(f"--resume: {ckpt_root} is at step {start_step}, the run is finished "
+                            f"(--max-steps {cfg.max_steps}); pass a larger --max-steps to train on")
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if cfg.resume else None,
+                             enabled=is_main)
 
-    train_step = make_train_step(graphdef, tx, lr_schedule(optim_cfg))
-    eval_step = make_eval_step(graphdef)
+    train_step = make_train_step(graphdef, tx, lr_schedule(optim_cfg), state_sh, batch_sh)
+    eval_step = make_eval_step(graphdef, state_sh.params if state_sh else None, eval_batch_sh)
     enc = get_encoding()
     n_params = sum(x.size for x in jax.tree.leaves(state.params)) - config.block_size * config.n_embd
-    tokens_per_step = cfg.total_batch_size
+    tokens_per_step = accum * cfg.batch_size * cfg.seq_len * n_proc
     flops_per_step = flops_per_token(config, n_params, cfg.seq_len) * tokens_per_step
     peak, peak_source = peak_flops(dtype)
-    print(f"model: {n_params / 1e6:.1f}M params, {config.n_layer} layers, {config.n_embd} wide, dtype {dtype} on "
+    log = print if is_main else (lambda *a, **k: None)
+    log(f"model: {n_params / 1e6:.1f}M params, {config.n_layer} layers, {config.n_embd} wide, dtype {dtype} on "
           f"{platform}; data: {len(tokens.train):,} train / {len(tokens.val):,} val tokens; "
-          f"batch {cfg.batch_size}x{cfg.seq_len} x {accum} accum = {tokens_per_step:,} tokens/step")
+          f"batch {cfg.batch_size}x{cfg.seq_len} x {accum} accum x {n_proc} processes = {tokens_per_step:,} tokens/step; "
+          f"{jax.device_count()} devices, sharding {strategy}")
 
     def meta_record(step: int) -> dict:
         return {"step": step, "model_config": _config_record(config), "loader": loader.state_dict(),
                 "train_config": dataclasses.asdict(cfg), "seed": cfg.seed}
 
     def evaluate(params) -> float:
-        losses = [eval_step(params, jnp.asarray(x), jnp.asarray(y)) for x, y in val_batches]
+        losses = [eval_step(params, to_device(x, eval_batch_sh), to_device(y, eval_batch_sh)) for x, y in val_batches]
         return float(np.mean(jax.device_get(losses)))
 
     def sample(params) -> str:
@@ -240,7 +275,8 @@ def run(cfg: TrainConfig) -> dict:
 
     interrupted = {"flag": False}
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and is_main), unit="step",
+               dynamic_ncols=True)
     summary = {"start_step": start_step, "first_loss": None, "last_loss": None, "val_losses": []}
     pending = None  # (step, device metrics) of the step in flight: read after the next one is queued
     last_time = time.perf_counter()
@@ -269,7 +305,7 @@ def run(cfg: TrainConfig) -> dict:
         text = sample(state.params)
         metrics_log.write({"step": steps_done, "val_loss": val_loss, "sample": text})
         summary["val_losses"].append((steps_done, val_loss))
-        bar.write(f"step {steps_done:5d} | val loss {val_loss:.4f} | sample: {text[:200]!r}")
+        (bar.write if is_main else log)(f"step {steps_done:5d} | val loss {val_loss:.4f} | sample: {text[:200]!r}")
 
     try:
         for step in range(start_step, cfg.max_steps):
@@ -279,8 +315,8 @@ def run(cfg: TrainConfig) -> dict:
                     pending = None
                 eval_and_sample(step)  # val loss of the parameters after `step` steps
             micro = [loader.next_batch() for _ in range(accum)]
-            x = jnp.asarray(np.stack([b[0] for b in micro]))  # (A, B, T)
-            y = jnp.asarray(np.stack([b[1] for b in micro]))  # (A, B, T)
+            x = to_device(np.stack([b[0] for b in micro]), batch_sh)  # (A, B, T), B over all processes
+            y = to_device(np.stack([b[1] for b in micro]), batch_sh)  # (A, B, T)
             state, metrics = train_step(state, x, y)
             if pending is not None:
                 record(*pending)
@@ -311,11 +347,12 @@ def run(cfg: TrainConfig) -> dict:
     bar.close()
     ckpt.close()
 
-    plot_losses(metrics_log.read(), out_dir / "loss.png", title=f"flax-gpt {cfg.preset}: {n_params / 1e6:.1f}M params")
+    if is_main:
+        plot_losses(metrics_log.read(), out_dir / "loss.png", title=f"flax-gpt {cfg.preset}: {n_params / 1e6:.1f}M params")
     summary.update(steps=step + 1 - start_step, final_step=ckpt.latest_step(), wall_s=time.time() - started,
                    first_step_s=first_step_time, checkpoint=str(ckpt_root / str(ckpt.latest_step())),
                    plot=str(out_dir / "loss.png"), metrics=str(out_dir / "metrics.jsonl"),
-                   interrupted=interrupted["flag"])
+                   interrupted=interrupted["flag"], is_main=is_main)
     return summary
 
 

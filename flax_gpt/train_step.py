@@ -34,15 +34,22 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, x, y):
     return loss
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule=None):
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule=None,
+                    state_sharding=None, batch_sharding=None):
     """A jitted step(state, x, y) -> (state, metrics); x, y are (A, B, T): A micro batches accumulated.
 
     The loss and gradients are the mean over all A*B sequences, exactly as one batch A times
-    larger; the state argument is donated, so its buffers are reused for the new state.
+    larger; the state argument is donated, so its buffers are reused for the new state. With
+    shardings (see flax_gpt.sharding) the step is compiled for them explicitly, metrics replicated.
     """
     grad_fn = jax.value_and_grad(loss_fn)
+    shardings = {}
+    if state_sharding is not None:
+        replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+        shardings = dict(in_shardings=(state_sharding, batch_sharding, batch_sharding),
+                         out_shardings=(state_sharding, replicated))
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
+    @functools.partial(jax.jit, donate_argnums=(0,), **shardings)
     def train_step(state: TrainState, x, y):
         def accumulate(carry, xy):
             loss_sum, grad_sum = carry
@@ -63,10 +70,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
+def make_eval_step(graphdef: nnx.GraphDef, params_sharding=None, batch_sharding=None):
     """A jitted eval(params, x, y) -> mean loss of a (B, T) batch."""
+    shardings = {}
+    if params_sharding is not None:
+        replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+        shardings = dict(in_shardings=(params_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
 
-    @jax.jit
+    @functools.partial(jax.jit, **shardings)
     def eval_step(params: nnx.State, x, y):
         return loss_fn(params, graphdef, x, y)
 

@@ -1,0 +1,133 @@
+"""Data parallel and FSDP on 4 forced CPU devices, restore onto 1 device, and 2 processes on localhost."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
+TRAIN_ARGS = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--max-steps", "8", "--eval-interval", "4",
+              "--ckpt-interval", "4", "--eval-batches", "1", "--sample-tokens", "4", "--no-progress"]
+REL = 1e-4  # the issue's bound; measured: 1.8e-7 for dp, fsdp and 2 processes over 8 steps
+
+SHARDED_STEPS = r"""
+import json, jax, jax.numpy as jnp, numpy as np
+from flax_gpt import GPT, preset
+from flax_gpt import sharding as shard
+from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
+from flax_gpt.train_step import init_state, make_train_step
+cfg, opt = preset("tiny", n_embd=64, vocab_size=1000), OptimConfig(lr=3e-3, warmup_steps=2, max_steps=8)
+tx, mesh = make_optimizer(opt), shard.make_mesh()
+batches = np.repeat(np.random.default_rng(0).integers(0, 1000, (1, 2, 1, 8, 16)).astype(np.int32), 8, axis=0)  # step, x/y, A, B, T: one batch, overfit
+out = {"devices": jax.device_count()}
+for strategy in ("none", "dp", "fsdp"):
+    graphdef, state = init_state(GPT(cfg), tx)
+    st_sh = bt_sh = None
+    if strategy != "none":
+        st_sh, bt_sh = shard.state_shardings(state, mesh, strategy), shard.batch_sharding(mesh)
+        state = jax.device_put(state, st_sh)
+    step = make_train_step(graphdef, tx, lr_schedule(opt), st_sh, bt_sh)
+    losses = []
+    for x, y in batches:
+        state, m = step(state, jnp.asarray(x) if bt_sh is None else jax.device_put(x, bt_sh),
+                        jnp.asarray(y) if bt_sh is None else jax.device_put(y, bt_sh))
+        losses.append(float(m["loss"]))
+    out[strategy] = losses
+    if strategy == "fsdp":
+        leaves = jax.tree_util.tree_leaves_with_path(state.params)
+        out["fsdp_sharded"] = {jax.tree_util.keystr(p): [str(a) for a in v.sharding.spec]
+                               for p, v in leaves if v.size >= shard.FSDP_MIN_SIZE}
+        out["fsdp_shard_shapes"] = {jax.tree_util.keystr(p): list(v.addressable_shards[0].data.shape)
+                                    for p, v in leaves if v.size >= shard.FSDP_MIN_SIZE}
+        out["fsdp_full_shapes"] = {jax.tree_util.keystr(p): list(v.shape) for p, v in leaves if v.size >= shard.FSDP_MIN_SIZE}
+print(json.dumps(out))
+"""
+
+
+def run(args, env_extra=None, cwd=None, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def losses(out_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in sorted(records, key=lambda r: r["step"]) if "loss" in r]
+
+
+def rel_diff(a, b) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharding")
+    words = "the king and queen of a far land said to their son that he must go forth and find wisdom".split()
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(3000)]
+    (root / "input.txt").write_text("\n".join(lines))
+    return root
+
+
+@pytest.fixture(scope="module")
+def single_device_run(corpus):
+    proc = run([sys.executable, str(ROOT / "train.py"), *TRAIN_ARGS, "--out-dir", "one"], cwd=corpus,
+               env_extra={"FLAX_GPT_CACHE": str(corpus / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return corpus / "one"
+
+
+def test_dp_and_fsdp_match_one_device_and_fsdp_really_shards():
+    proc = run([sys.executable, "-c", SHARDED_STEPS], env_extra={"XLA_FLAGS": FOUR_DEVICES})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    assert rel_diff(out["dp"], out["none"]) <= REL
+    assert rel_diff(out["fsdp"], out["none"]) <= REL
+    assert out["none"][-1] < out["none"][0]  # it trained
+    # at n_embd 64 these four reach FSDP_MIN_SIZE (2**14 elements); wpe and attn.c_proj stay replicated
+    assert set(out["fsdp_sharded"]) == {"['h']['attn']['c_attn']['kernel'].value", "['h']['mlp']['c_fc']['kernel'].value",
+                                        "['h']['mlp']['c_proj']['kernel'].value", "['wte']['embedding'].value"}
+    for name, spec in out["fsdp_sharded"].items():
+        assert "data" in spec, f"{name} is not sharded: {spec}"
+        full, local = out["fsdp_full_shapes"][name], out["fsdp_shard_shapes"][name]
+        assert sorted(f // l for f, l in zip(full, local)) == [1] * (len(full) - 1) + [4], (name, full, local)
+
+
+def test_fsdp_run_on_four_devices_matches_and_resumes_on_one(corpus, single_device_run):
+    env = {"FLAX_GPT_CACHE": str(corpus / "cache")}
+    proc = run([sys.executable, str(ROOT / "train.py"), *TRAIN_ARGS, "--sharding", "fsdp", "--out-dir", "fsdp"],
+               cwd=corpus, env_extra={**env, "XLA_FLAGS": FOUR_DEVICES})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 devices, sharding fsdp" in proc.stdout
+    assert rel_diff(losses(corpus / "fsdp"), losses(single_device_run)) <= REL
+    # restore the 4-way sharded step-4 checkpoint onto 1 device and redo steps 4..7
+    for newer in (corpus / "fsdp" / "checkpoints").iterdir():
+        if newer.name == "8":
+            import shutil
+            shutil.rmtree(newer)
+    proc = run([sys.executable, str(ROOT / "train.py"), *TRAIN_ARGS, "--out-dir", "fsdp", "--resume"], cwd=corpus,
+               env_extra=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 devices, sharding none" in proc.stdout
+    assert rel_diff(losses(corpus / "fsdp"), losses(single_device_run)) <= REL
+
+
+def test_two_processes_on_localhost_match_one(corpus, single_device_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, str(ROOT / "train.py"), *TRAIN_ARGS, "--batch-size", "2", "--out-dir", "two"]
+    procs = [subprocess.Popen(args, cwd=corpus, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "FLAX_GPT_CACHE": str(corpus / "cache"),
+                                   "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                   "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert "x 2 processes" in outs[0][0] and "done:" in outs[0][0] and "done:" not in outs[1][0]
+    assert rel_diff(losses(corpus / "two"), losses(single_device_run)) <= REL
+    assert sorted(p.name for p in (corpus / "two" / "checkpoints").iterdir()) == ["4", "8"]
