@@ -73,6 +73,8 @@ def load_checkpoint_model(ckpt_dir: Path, dtype: str | None = None) -> GPT:
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config)), nnx.Param)
     try:
         params = ckpt.restore_params(abstract_like(abstract))
+    except UserError:  # no step of the run is readable: the Checkpointer's message says so
+        raise
     except Exception as e:
         raise RunCheckpointError(f"{ckpt_dir}: cannot restore the parameters of step {ckpt.latest_step()} "
                                  f"({_first_line(e)})") from e

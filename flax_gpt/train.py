@@ -170,7 +170,11 @@ def init_model(cfg: TrainConfig, dtype: str):
 
 
 class Diverged(Exception):
-    """The loss became NaN or infinite."""
+    """The loss or the gradient norm became NaN or infinite at optimizer step `step`."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -235,9 +239,12 @@ def run(cfg: TrainConfig) -> dict:
     ckpt = Checkpointer(ckpt_root, keep=cfg.keep_checkpoints)
     start_step = 0
     if cfg.resume:
-        state, meta = ckpt.restore(abstract_like(state))
-        if meta["model_config"] != _config_record(config):
-            raise UserError(f"--resume: {ckpt_root} holds a model {meta['model_config']}, not the requested {_config_record(config)}")
+        def same_model(meta: dict) -> None:  # checked before the state is read: shapes differ otherwise
+            if meta.get("model_config") != _config_record(config):
+                raise UserError(f"--resume: {ckpt_root} holds another model ({_config_diff(meta.get('model_config'), config)}"
+                                "); pass the model flags of the run being resumed, or a new --out-dir")
+
+        state, meta = ckpt.restore(abstract_like(state), check_meta=same_model)
         loader.load_state_dict(meta["loader"])
         start_step = int(state.step)
         if start_step >= cfg.max_steps:  # nothing to redo: MetricsLog would drop the final val record
@@ -294,7 +301,9 @@ def run(cfg: TrainConfig) -> dict:
         if first_step_time is None:
             first_step_time = dt
         if not math.isfinite(m["loss"]):
-            raise Diverged(f"loss is {m['loss']} at step {step_done}")
+            raise Diverged(step_done, f"loss is {m['loss']} at step {step_done}")
+        if not math.isfinite(m["grad_norm"]):  # the update of this step made the parameters NaN: never save them
+            raise Diverged(step_done, f"gradient norm is {m['grad_norm']} at step {step_done}")
         rec = {"step": step_done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                "ms_per_step": dt * 1e3, "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_step / dt / peak}
         metrics_log.write(rec)
@@ -341,10 +350,11 @@ def run(cfg: TrainConfig) -> dict:
             record(*pending)
     except Diverged as e:
         bar.close()
-        metrics_log.write({"step": step, "stopped": str(e)})
+        metrics_log.write({"step": e.step, "stopped": f"diverged: {e}"})
         ckpt.close()
-        raise UserError(f"training diverged: {e}; the last good checkpoint is in {ckpt_root} "
-                        "(try a lower --lr or more --warmup-steps)") from None
+        last = ckpt.latest_step()
+        kept = f"the last good checkpoint is {ckpt_root / str(last)}" if last is not None else "no checkpoint was written"
+        raise UserError(f"training diverged: {e}; {kept} (try a lower --lr or more --warmup-steps)") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     bar.close()
@@ -365,6 +375,14 @@ def _config_record(config: GPTConfig) -> dict:
     for numerics_only in ("dtype", "attention", "remat"):
         record.pop(numerics_only)
     return json.loads(json.dumps(record))
+
+
+def _config_diff(saved, config: GPTConfig) -> str:
+    """'n_embd 32 in the checkpoint, 64 requested': only the fields that differ."""
+    wanted = _config_record(config)
+    saved = saved if isinstance(saved, dict) else {}
+    keys = [k for k in wanted if saved.get(k) != wanted[k]] + [k for k in saved if k not in wanted]
+    return ", ".join(f"{k} {saved.get(k)} in the checkpoint, {wanted.get(k)} requested" for k in keys)
 
 
 def _check_out_dir(out_dir: Path, ckpt_root: Path, resume: bool) -> None:
