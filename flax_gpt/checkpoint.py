@@ -27,6 +27,7 @@ from flax_gpt.errors import UserError
 
 T = TypeVar("T")
 UNREADABLE_SUFFIX = ".unreadable"  # a damaged step set aside by a resumed run, so it can save that step again
+DIVERGED_SUFFIX = ".diverged"  # a step saved after the loss went NaN/inf, set aside so --resume skips it
 
 
 class Checkpointer:
@@ -75,14 +76,19 @@ class Checkpointer:
             return self._manager.restore(s, args=args)["state"], meta
 
         used, result, failed = self._first_readable(read, step)
-        moved = {}
-        if failed and not self.read_only and jax.process_index() == 0:
-            for s, _ in failed:
-                moved[s] = _free_name(self.directory / f"{s}{UNREADABLE_SUFFIX}")
-                (self.directory / str(s)).rename(moved[s])
-            self._manager.reload()
+        moved = self.set_aside([s for s, _ in failed], UNREADABLE_SUFFIX) if failed and not self.read_only else {}
         self._report(failed, used, moved)
         return result
+
+    def set_aside(self, steps: list[int], suffix: str) -> dict[int, Path]:
+        """Rename step directories to <step><suffix> (never delete), so later saves and restores skip them."""
+        self._manager.wait_until_finished()
+        moved = {s: _free_name(self.directory / f"{s}{suffix}") for s in steps}
+        if jax.process_index() == 0:
+            for s, target in moved.items():
+                (self.directory / str(s)).rename(target)
+        self._manager.reload()
+        return moved
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Only the parameters of a step (default: the newest readable), for fine-tuning or sampling."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 
@@ -55,9 +57,11 @@ class MetricsLog:
             return
         if resume_from_step is None:
             path.write_text("")
-        elif path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", -1) < resume_from_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        elif path.exists():  # a killed run may have left half a line at the end: it goes with the redone steps
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) < resume_from_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)  # a crash now leaves the old file or the new one, never a cut one
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -69,6 +73,14 @@ class MetricsLog:
         if not self.enabled:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a blank or half-written one."""
+    try:
+        return json.loads(line).get("step", math.inf)
+    except ValueError:
+        return math.inf
 
 
 def plot_losses(records: list[dict], path: Path, title: str = "") -> None:

@@ -13,7 +13,8 @@ from typing import Literal
 
 import numpy as np
 
-from flax_gpt.config import GPTConfig, preset as model_preset
+from flax_gpt.config import GPTConfig
+from flax_gpt.config import preset as model_preset
 from flax_gpt.errors import UserError
 
 
@@ -170,11 +171,15 @@ def init_model(cfg: TrainConfig, dtype: str):
 
 
 class Diverged(Exception):
-    """The loss or the gradient norm became NaN or infinite at optimizer step `step`."""
+    """The loss or the gradient norm became NaN or infinite at optimizer step `step`.
 
-    def __init__(self, step: int, message: str):
+    first_bad: the first checkpoint step whose parameters are not to be trusted (the loss of step s
+    is computed from checkpoint s's parameters; a NaN gradient at step s spoils checkpoint s + 1).
+    """
+
+    def __init__(self, step: int, first_bad: int, message: str):
         super().__init__(message)
-        self.step = step
+        self.step, self.first_bad = step, first_bad
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -189,10 +194,10 @@ def run(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
     from flax_gpt import data as data_lib
-    from flax_gpt.checkpoint import Checkpointer, abstract_like
+    from flax_gpt import sharding as shard
+    from flax_gpt.checkpoint import DIVERGED_SUFFIX, Checkpointer, abstract_like
     from flax_gpt.generate import generate
     from flax_gpt.metrics import MetricsLog, flops_per_token, peak_flops, plot_losses
-    from flax_gpt import sharding as shard
     from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
     from flax_gpt.tokenizer import get_encoding
     from flax_gpt.train_step import init_state, make_eval_step, make_train_step
@@ -301,9 +306,9 @@ def run(cfg: TrainConfig) -> dict:
         if first_step_time is None:
             first_step_time = dt
         if not math.isfinite(m["loss"]):
-            raise Diverged(step_done, f"loss is {m['loss']} at step {step_done}")
-        if not math.isfinite(m["grad_norm"]):  # the update of this step made the parameters NaN: never save them
-            raise Diverged(step_done, f"gradient norm is {m['grad_norm']} at step {step_done}")
+            raise Diverged(step_done, step_done, f"loss is {m['loss']} at step {step_done}")
+        if not math.isfinite(m["grad_norm"]):  # the update of this step made the parameters NaN
+            raise Diverged(step_done, step_done + 1, f"gradient norm is {m['grad_norm']} at step {step_done}")
         rec = {"step": step_done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                "ms_per_step": dt * 1e3, "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_step / dt / peak}
         metrics_log.write(rec)
@@ -350,11 +355,15 @@ def run(cfg: TrainConfig) -> dict:
             record(*pending)
     except Diverged as e:
         bar.close()
-        metrics_log.write({"step": e.step, "stopped": f"diverged: {e}"})
-        ckpt.close()
+        spoiled = ckpt.set_aside([s for s in ckpt.all_steps() if s >= e.first_bad], DIVERGED_SUFFIX)
         last = ckpt.latest_step()
-        kept = f"the last good checkpoint is {ckpt_root / str(last)}" if last is not None else "no checkpoint was written"
-        raise UserError(f"training diverged: {e}; {kept} (try a lower --lr or more --warmup-steps)") from None
+        ckpt.close()
+        kept = (f"the last good checkpoint is {ckpt_root / str(last)}, --resume continues from it"
+                if last is not None else "no good checkpoint was written")
+        if spoiled:
+            kept += f" (set aside: {', '.join(p.name for p in spoiled.values())})"
+        metrics_log.write({"step": e.step, "stopped": f"diverged: {e}", "last_good_checkpoint": last})
+        raise UserError(f"training diverged: {e}; {kept}; try a lower --lr or more --warmup-steps") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     bar.close()

@@ -1,251 +1,41 @@
 """`python train.py` end to end: real runs in subprocesses, kill / Ctrl-C and exact resume, fine-tuning
-starts, and one-line errors for bad input.
-
-The subprocess runs are slow to start (jax import + compile), so a background scheduler launches every run
-the selected tests need as soon as its inputs exist, two at a time (this machine has 2 cores), while the
-in-process tests run; tests then wait for the runs they check. The runs share a JAX persistent compilation
-cache (same flags -> same executables, so only the first run of a shape compiles).
+starts, and one-line errors for bad input. The runs are scheduled in the background (see train_runs.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import math
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
+from train_runs import (
+    COMMON,
+    CTRL_C_CKPT_INTERVAL,
+    LONG,
+    LONG_STEPS,
+    PYTHON,
+    SHORT,
+    SIGNAL_AT_STEP,
+    TRAIN_PY,
+    Result,
+    Spec,
+    assert_one_error_line,
+    ckpt_steps,
+    corpus_text,
+    needs,
+    read_records,
+    snapshot,
+    start_runs,
+    train_losses,
+    val_losses,
+    with_args,
+)
 
 from flax_gpt.optim import OptimConfig, lr_at
-
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_PY = REPO / "train.py"
-PYTHON = sys.executable
-MAX_SECONDS = 240  # per subprocess; a hung run fails its tests instead of hanging the suite
-
-
-def with_args(base: list[str], extra: list[str]) -> list[str]:
-    """base with the flags in extra replaced or added."""
-    args, i = list(base), 0
-    while i < len(extra):
-        flag = extra[i]
-        has_value = i + 1 < len(extra) and not extra[i + 1].startswith("--")
-        if flag in args:
-            j = args.index(flag)
-            del args[j : j + (2 if has_value else 1)]
-        args += extra[i : i + (2 if has_value else 1)]
-        i += 2 if has_value else 1
-    return args
-
-
-# tiny settings: 2x16 tokens per step; the tiny preset's model is 2 layers, 32 wide, block_size 64
-COMMON = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
-          "--sample-tokens", "8", "--data", "corpus.txt"]
-SHORT = [*COMMON, "--max-steps", "6", "--eval-interval", "3", "--ckpt-interval", "2"]  # test (a)
-LONG = [*with_args(COMMON, ["--sample-tokens", "0"]), "--max-steps", "20", "--eval-interval", "5",
-        "--ckpt-interval", "2", "--no-progress"]  # resume tests: long enough to stop mid-run
-LONG_STEPS = 20
-SIGNAL_AT_STEP = 3  # kill / interrupt once the train loss of this step is in metrics.jsonl
-CTRL_C_CKPT_INTERVAL = 7  # the Ctrl-C run: checkpoints every 7 steps (numerics unchanged), so its stop is off-interval
-
-WORDS = ("the king and queen of the old town spoke of love and war while a quick brown fox ran over "
-         "the hill to find bread wine and gold for the long winter night").split()
-
-
-def corpus_text(n_lines: int = 120, seed: int = 0) -> str:
-    """A few KB of English-like text (about 1.4k GPT-2 tokens for 120 lines)."""
-    rng = np.random.default_rng(seed)
-    lines = [" ".join(rng.choice(WORDS, size=rng.integers(6, 13))).capitalize() + "." for _ in range(n_lines)]
-    return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- records and files
-
-
-def read_records(out: Path) -> list[dict]:
-    """metrics.jsonl of a run (complete lines only: a killed run may leave half a line)."""
-    records = []
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return records
-
-
-def train_losses(records: list[dict]) -> dict[int, float]:
-    steps = [r["step"] for r in records if "loss" in r]
-    assert len(steps) == len(set(steps)), f"a step is recorded twice: {steps}"
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def val_losses(records: list[dict]) -> dict[int, float]:
-    steps = [r["step"] for r in records if "val_loss" in r]
-    assert len(steps) == len(set(steps)), f"a val step is recorded twice: {steps}"
-    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
-
-
-def ckpt_steps(out: Path) -> list[int]:
-    root = out / "checkpoints"
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
-
-
-def snapshot(root: Path, skip: tuple[str, ...] = ("cache", "jax_cache")) -> dict[str, str]:
-    """{relative path: sha256} of every file under root (but the caches)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if p.is_file() and rel.parts[0] not in skip:
-            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def assert_one_error_line(stderr: str) -> str:
-    """The user sees exactly one line, `error: ...`, and no traceback."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
-
-
-# ----------------------------------------------------------------------------- background runs
-
-
-@dataclass
-class Spec:
-    argv: list[str]  # after `python train.py`, or a full command if `command` is set
-    deps: tuple[str, ...] = ()  # runs that must have finished first
-    later_than: tuple[str, ...] = ()  # runs to let finish first if they run at all (compile cache reuse)
-    signal_at: tuple[int, str, bool] | None = None  # (signal, out dir, wait for a checkpoint): see _reap
-    before: Callable[[], dict] | None = None  # called just before the start; its dict lands in Result.extra
-    after: Callable[[], dict] | None = None  # called right after the end (before dependents start)
-    command: bool = False
-
-
-@dataclass
-class Result:
-    name: str
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-    signalled_after: int | None = None  # the last train step recorded when the signal was sent
-    extra: dict = field(default_factory=dict)
-
-
-class Scheduler:
-    """Runs the wanted specs (plan order, deps first) in a background thread, `slots` at a time."""
-
-    def __init__(self, specs: dict[str, Spec], wanted: set[str], cwd: Path, env: dict, slots: int = 2):
-        self.specs, self.cwd, self.env, self.slots = specs, cwd, env, slots
-        self.pending = [name for name in specs if name in wanted]
-        self.running: dict[str, tuple] = {}
-        self.done: dict[str, Result] = {}
-        self.error: BaseException | None = None
-        self.cond = threading.Condition()
-        self.stop = False
-        self.t0 = time.perf_counter()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def result(self, name: str) -> Result:
-        assert name in self.specs
-        with self.cond:
-            if name not in self.done and name not in self.pending and name not in self.running:
-                self.pending.insert(0, name)  # not foreseen: run it next
-            while name not in self.done and self.error is None:
-                self.cond.wait(1)
-            if self.error is not None:
-                raise self.error
-            return self.done[name]
-
-    def close(self):
-        self.stop = True
-        self.thread.join(30)
-        with open(self.cwd / "timings.txt", "w") as f:  # seconds per run, for tuning the suite
-            for r in self.done.values():
-                f.write(f"{r.name:14s} rc {r.returncode:4d} start {r.extra['started_at']:6.1f} "
-                        f"took {r.seconds:6.1f} s\n")
-        for proc, *_ in self.running.values():
-            proc.kill()
-
-    def _loop(self):
-        try:
-            while not self.stop:
-                with self.cond:
-                    self._reap()
-                    self._start()
-                    self.cond.notify_all()
-                time.sleep(0.01)
-        except BaseException as e:  # surface scheduler bugs in the waiting test
-            with self.cond:
-                self.error = e
-                self.cond.notify_all()
-
-    def _start(self):
-        for name in list(self.pending):
-            if len(self.running) >= self.slots:
-                return
-            spec = self.specs[name]
-            if not all(d in self.done for d in spec.deps) or any(
-                    d in self.pending or d in self.running for d in spec.later_than):
-                continue
-            self.pending.remove(name)
-            extra = spec.before() if spec.before else {}
-            extra["started_at"] = time.perf_counter() - self.t0
-            cmd = spec.argv if spec.command else [PYTHON, str(TRAIN_PY), *spec.argv]
-            out = open(self.cwd / f"{name}.stdout", "w"), open(self.cwd / f"{name}.stderr", "w")
-            proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=out[0], stderr=out[1],
-                                    stdin=subprocess.DEVNULL)
-            self.running[name] = (proc, out, time.perf_counter(), extra, [None])
-
-    def _reap(self):
-        for name, (proc, out, t0, extra, signalled) in list(self.running.items()):
-            spec = self.specs[name]
-            if spec.signal_at and signalled[0] is None and proc.poll() is None:
-                sig, out_dir, need_ckpt = spec.signal_at
-                steps = train_losses(read_records(self.cwd / out_dir))
-                # SIGKILL also waits for a complete checkpoint: orbax writes in the background, and a run
-                # killed before its first checkpoint lands has nothing to resume from (--resume says so)
-                if steps and max(steps) >= SIGNAL_AT_STEP and (ckpt_steps(self.cwd / out_dir) or not need_ckpt):
-                    proc.send_signal(sig)
-                    signalled[0] = max(steps)
-            if proc.poll() is None and time.perf_counter() - t0 > MAX_SECONDS:
-                proc.kill()
-            if proc.poll() is None:
-                continue
-            for f in out:
-                f.close()
-            if spec.after:
-                extra.update(spec.after())
-            self.done[name] = Result(name, proc.returncode, (self.cwd / f"{name}.stdout").read_text(),
-                                     (self.cwd / f"{name}.stderr").read_text(), time.perf_counter() - t0,
-                                     signalled[0], extra)
-            del self.running[name]
-
-
-def needs(*names):
-    """Mark a test with the background runs it checks (the scheduler starts only those)."""
-    def mark(fn):
-        fn.needs = names
-        return fn
-    return mark
-
 
 HF_SCRIPT = """
 import sys, torch
@@ -301,23 +91,10 @@ def work(tmp_path_factory):
     return work
 
 
+
 @pytest.fixture(scope="module")
 def runs(work, request):
-    env = {**os.environ, "FLAX_GPT_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-           "JAX_COMPILATION_CACHE_DIR": str(work / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    specs = make_specs(work)
-    wanted = set()
-    for item in request.session.items:
-        if item.module is request.module:
-            wanted.update(getattr(item.function, "needs", ()))
-    while True:  # and everything those depend on
-        more = {d for name in wanted for d in specs[name].deps} - wanted
-        if not more:
-            break
-        wanted |= more
-    scheduler = Scheduler(specs, wanted, work, env, slots=min(2, os.cpu_count() or 1))
+    scheduler = start_runs(make_specs(work), work, request)
     yield scheduler
     scheduler.close()
 
@@ -371,6 +148,9 @@ BAD_INPUT = {  # id: (setup(tmp) -> (extra args, fragments the message must hold
     "init_from_dir_without_config": lambda tmp: ((tmp / "not_a_model").mkdir() or ["--init-from", "not_a_model"],
                                                  ["not_a_model", "config.json"]),
     "resume_without_checkpoint": lambda tmp: (["--resume"], ["--resume", "no checkpoint"]),
+    "out_dir_not_writable": lambda tmp: (["--out-dir", "corpus.txt/run"], ["cannot write to --out-dir corpus.txt/run"]),
+    "unknown_hub_id_offline": lambda tmp: (["--init-from", "no-such-org/no-such-gpt2"],
+                                           ["'no-such-org/no-such-gpt2'", "not in the HF cache"]),
 }
 
 
@@ -434,6 +214,18 @@ def test_resume_of_a_finished_run_changes_nothing(runs, work, cli, tmp_path, cap
     line = assert_one_error_line(capsys.readouterr().err)
     assert "step 6" in line and "--max-steps" in line, line
     assert snapshot(tmp_path).items() >= before.items()  # the final val record and the plot are kept
+
+
+@needs("a6")
+def test_resume_with_another_model_config_is_refused(runs, work, cli, tmp_path, capsys):
+    assert runs.result("a6").returncode == 0
+    shutil.copytree(work / "a6", tmp_path / "a6")
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert cli.main(with_args(SHORT, ["--out-dir", "a6", "--resume", "--n-embd", "64", "--max-steps", "9"])) == 2
+    line = assert_one_error_line(capsys.readouterr().err)
+    assert "holds another model (n_embd 32 in the checkpoint, 64 requested)" in line and "--out-dir" in line, line
+    assert snapshot(tmp_path).items() >= before.items()
 
 
 def check_exact_resume(reference: Result, interrupted: Result, resumed: Result, out: Path) -> int:
