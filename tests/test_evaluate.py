@@ -233,6 +233,19 @@ def test_missing_data_file(tmp_path, capsys):
     assert "missing.txt" in err
 
 
+@pytest.mark.parametrize("content, why", [
+    (b"", "is empty"),
+    (bytes(range(256)) * 4, "NUL byte at offset 0"),
+    ("caf\u00e9 au lait\n".encode("latin-1") * 20, "not UTF-8"),
+])
+def test_empty_binary_and_non_utf8_data(model_dir, content, why, tmp_path, capsys):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content)
+    err = run_cli(["--init-from", str(model_dir), "--data", str(path)], capsys)
+    assert why in err, err
+    assert path.read_bytes() == content
+
+
 @pytest.mark.parametrize("bad_line, why", [
     ('{"ctx": "A cat", "endings": ["a", "b", "c", "d"], "label": 1', "not valid JSON"),
     ('{"ctx": "A cat", "endings": ["a", "b", "c"], "label": 1}', "endings"),
