@@ -131,3 +131,15 @@ def test_two_processes_on_localhost_match_one(corpus, single_device_run):
     assert "x 2 processes" in outs[0][0] and "done:" in outs[0][0] and "done:" not in outs[1][0]
     assert rel_diff(losses(corpus / "two"), losses(single_device_run)) <= REL
     assert sorted(p.name for p in (corpus / "two" / "checkpoints").iterdir()) == ["4", "8"]
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_one_error_line(corpus):
+    proc = run([sys.executable, str(ROOT / "train.py"), *TRAIN_ARGS, "--batch-size", "6", "--sharding", "dp",
+                "--out-dir", "odd_batch"], cwd=corpus,
+               env_extra={"FLAX_GPT_CACHE": str(corpus / "cache"), "XLA_FLAGS": FOUR_DEVICES, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0] == ("error: --batch-size 6 (per process) is not divisible by this process's 4 devices; "
+                        "use a multiple of 4"), lines[0]
+    assert not (corpus / "odd_batch" / "checkpoints").exists()
