@@ -20,9 +20,50 @@ from flax_gpt.config import GPTConfig
 INIT_STD = 0.02
 
 
-def _linear(config: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+@jax.custom_vjp
+def low_precision_matmul(x, w):
+    """x (..., K) @ w (K, N), both in a 16-bit compute dtype, accumulated and returned in float32.
+
+    The backward pass multiplies in that dtype too (the cotangent is rounded to it, as under torch autocast),
+    so all three matmuls of a layer run on bf16 x bf16 -> f32 kernels; plain autodiff would get a float32
+    cotangent from the float32 output and run both backward matmuls in float32.
+    """
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)  # (..., N)
+
+
+def _low_precision_matmul_fwd(x, w):
+    return low_precision_matmul(x, w), (x, w)
+
+
+def _low_precision_matmul_bwd(saved, g):
+    x, w = saved
+    g = g.astype(x.dtype)  # (..., N)
+    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32)  # (..., K)
+    batch_axes = tuple(range(x.ndim - 1))
+    dw = jnp.tensordot(x, g, axes=(batch_axes, batch_axes), preferred_element_type=jnp.float32)  # (K, N)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def matmul(x, w, dtype: str):
+    """x @ w in the compute dtype, result in float32; float32 compute is a plain dot."""
+    x, w = x.astype(dtype), w.astype(dtype)
+    return jnp.dot(x, w) if jnp.dtype(dtype) == jnp.float32 else low_precision_matmul(x, w)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear (same parameters) whose matmul runs through `matmul`: output in the compute dtype."""
+
+    def __call__(self, x):
+        y = matmul(x, self.kernel[...], self.dtype) + self.bias[...]  # (..., N) float32
+        return y.astype(self.dtype)
+
+
+def _linear(config: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> Linear:
     """A Linear with GPT-2 init: kernel (d_in, d_out) ~ N(0, std), bias zero."""
-    return nnx.Linear(
+    return Linear(
         d_in, d_out, dtype=config.dtype, param_dtype=config.param_dtype,
         kernel_init=nnx.initializers.normal(std), rngs=rngs,
     )
@@ -154,10 +195,8 @@ class GPT(nnx.Module):
 
     def lm_head(self, x):
         """Logits over the true vocabulary from the tied token embedding, in float32."""
-        dtype = self.config.dtype
         wte = self.wte.embedding[: self.config.vocab_size]  # (V, C) padded rows dropped
-        return jnp.einsum("btc,vc->btv", x.astype(dtype), wte.astype(dtype),
-                          preferred_element_type=jnp.float32)  # (B, T, V)
+        return matmul(x, wte.T, self.config.dtype)  # (B, T, V) float32
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **overrides) -> "GPT":
