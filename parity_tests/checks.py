@@ -119,14 +119,20 @@ def loss_flax_vs_hf(shape: str) -> Measurement:
 
 
 def vocab_padding_invariance(shape: str) -> Measurement:
-    """Padding wte to a multiple of 64 (or 1, none) must not change logits or loss at all."""
+    """Padding wte to a multiple of 64 (or 1, none) changes logits and loss only by fp32 rounding.
+
+    Bound: LOGITS_MAX_ABS, no longer 0. The padded model multiplies by all Vp rows (twice as fast on CPU,
+    see BENCHMARKS.md), and a matmul with more columns is blocked differently: measured 9.5e-7 on odd and
+    deep (vocab 101, 97 -> 128), 0 on tiny (vocab 128, no padding), on 2026-11-23.
+    """
     idx = tokens(shape)
     unpadded = GPT.from_pretrained(hf_dir(shape), vocab_multiple=1)
     padded = GPT.from_pretrained(hf_dir(shape), vocab_multiple=64)
     a = unpadded(jnp.asarray(idx[:, :-1]), jnp.asarray(idx[:, 1:]))
     b = padded(jnp.asarray(idx[:, :-1]), jnp.asarray(idx[:, 1:]))
+    assert a[0].shape == b[0].shape  # logits over the true vocabulary either way
     diff = max(max_abs(a[0], b[0]), abs(float(a[1]) - float(b[1])))
-    return Measurement(f"vocab padding 1 vs 64 [{shape}] logits+loss max abs", diff, 0.0)
+    return Measurement(f"vocab padding 1 vs 64 [{shape}] logits+loss max abs", diff, LOGITS_MAX_ABS)
 
 
 def causality(shape: str) -> Measurement:
