@@ -19,4 +19,6 @@ def test_bench_train_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["flax_tok_s"] > 0 and result["torch_eager_tok_s"] > 0
     assert result["flax_over_torch_fp32"] == result["flax_tok_s"] / result["torch_eager_tok_s"]
+    assert 0 < result["variants"]["flax-fp32"]["host_overhead"] < 1
+    assert result["best_over_best"] == result["flax_over_torch_fp32"]  # one variant each: the same ratio
     assert "| flax-fp32 |" in proc.stdout
