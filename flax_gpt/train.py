@@ -22,7 +22,7 @@ from flax_gpt.errors import UserError
 class TrainConfig:
     """Train a GPT-2 on a text corpus (defaults come from --preset; every field is a flag)."""
 
-    preset: str = "small"  # run recipe: tiny (seconds), small (CPU, ~10 min), gpt2 (124M, build-nanogpt's GPU run)
+    preset: str = "small"  # run recipe: tiny (seconds), small (CPU, ~8 min), gpt2 (124M, build-nanogpt's GPU run)
     data: str | None = None  # text file or directory of .txt; default ./input.txt, else Shakespeare
     out_dir: str = "out"  # checkpoints/, metrics.jsonl and loss.png go here
     init_from: str = "scratch"  # scratch | an HF hub id (gpt2, ...) | an HF directory | a checkpoint directory
@@ -71,7 +71,7 @@ class RunPreset:
 RUN_PRESETS = {
     "tiny": RunPreset("tiny", batch_size=8, seq_len=64, total_batch_size=512, max_steps=40, lr=3e-3,
                       warmup_steps=4, eval_interval=20, eval_batches=2, ckpt_interval=20),
-    "small": RunPreset("small", batch_size=8, seq_len=128, total_batch_size=1024, max_steps=200, lr=2e-3,
+    "small": RunPreset("small", batch_size=8, seq_len=128, total_batch_size=1024, max_steps=350, lr=2e-3,
                        warmup_steps=20, eval_interval=50, eval_batches=8, ckpt_interval=100),
     "gpt2": RunPreset("gpt2", batch_size=64, seq_len=1024, total_batch_size=524288, max_steps=19073, lr=6e-4,
                       warmup_steps=715, eval_interval=250, eval_batches=20, ckpt_interval=5000),
