@@ -16,6 +16,7 @@ import gc
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -119,6 +120,7 @@ class Checkpointer:
 
     def _first_readable(self, read: Callable[[int], T], step: int | None) -> tuple[int, T, list[tuple[int, str]]]:
         """(step, read(step), [(newer step, why it failed)]) of the given step, else of the newest readable one."""
+        _silence_failed_read_noise()  # before reading: a failing read reports itself while it fails, too
         steps = sorted(self._manager.all_steps(), reverse=True)
         if step is None and not steps:
             raise UserError(f"no checkpoint in {self.directory}")
@@ -131,7 +133,6 @@ class Checkpointer:
             except UserError:
                 raise
             except Exception as e:  # orbax / tensorstore / json raise many types (even bare Exception)
-                _silence_failed_read_noise()
                 failed.append((s, _reason(e)))
                 self._unreadable.add(s)
             gc.collect()  # the abandoned reads report now (filtered), not in the middle of training
@@ -178,13 +179,13 @@ def _free_name(path: Path) -> Path:
 
 
 def _silence_failed_read_noise() -> None:
-    """Keep the leftovers of orbax's failed reads off stderr (installed once, at the first failed read).
+    """Keep the leftovers of orbax's failed reads off stderr (installed once, before the first restore).
 
     When one array of a step cannot be read, orbax closes its event loop with the other reads still in flight;
     each then reports itself (a 'coroutine ignored' bare Exception with a page of TensorStore spec, 'RuntimeError:
-    Event loop is closed' from tensorstore's threads, asyncio's 'Task exception was never retrieved'), hundreds of
-    lines in all, some of them after the restore returned. Only those reports are dropped; the error that matters
-    is the one raised to the caller, reported in one line.
+    Event loop is closed' from tensorstore's threads, asyncio's 'Task exception was never retrieved', 'coroutine
+    ... was never awaited' warnings), hundreds of lines in all, some while the read fails, some after the restore
+    returned. Only those reports are dropped; the error that matters is the one raised to the caller, in one line.
     """
     global _noise_filtered
     if _noise_filtered:
@@ -198,6 +199,7 @@ def _silence_failed_read_noise() -> None:
             previous(unraisable)
 
     sys.unraisablehook = hook
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     logging.getLogger("asyncio").addFilter(
         lambda record: not ("exception was never retrieved" in str(record.msg)
                             and ("orbax" in str(record.msg) or "tensorstore" in str(record.msg))))

@@ -91,7 +91,8 @@ def make_specs(work: Path) -> dict[str, Spec]:
                                          "entries": sorted(p.name for p in (work / "ks" / "checkpoints").iterdir())}),
         "kill_save_resume": Spec(with_args(resume, ["--out-dir", "ks"]), deps=("kill_save",)),
         "nan": Spec(fault("nan-after", NAN_AFTER, [*LONG, "--out-dir", "nan"]), command=True, later_than=("ref",),
-                    after=lambda: {"entries": sorted(p.name for p in (work / "nan" / "checkpoints").iterdir())}),
+                    after=lambda: {"entries": sorted(p.name for p in (work / "nan" / "checkpoints").iterdir()),
+                                   "records": read_records(work / "nan")}),  # before nan_resume rewrites them
         "nan_resume": Spec(with_args(resume, ["--out-dir", "nan"]), deps=("nan",)),
         "damaged_latest": Spec(with_args(resume, ["--out-dir", "dl"]), deps=("ref",),
                                before=copy_and_damage(work, "dl", [LONG_STEPS])),
@@ -201,7 +202,7 @@ def test_a_nan_loss_stops_the_run_keeps_the_last_good_checkpoint_and_says_why(ru
     assert "the last good checkpoint is nan/checkpoints/6" in line and f"{NAN_AFTER}.diverged" in line, line
     # checkpoint 8 holds the NaN parameters: set aside, not deleted; 4 and 6 stay (saving 8 retired 2: keep 3)
     assert r.extra["entries"] == ["4", "6", f"{NAN_AFTER}.diverged"], r.extra
-    records = read_records(work / "nan")
+    records = r.extra["records"]
     assert records[-1] == {"step": NAN_AFTER, "stopped": f"diverged: loss is nan at step {NAN_AFTER}",
                            "last_good_checkpoint": 6}
     assert max(train_losses(records)) == NAN_AFTER - 1  # no NaN loss is recorded as a step
