@@ -95,7 +95,7 @@ def test_dp_and_fsdp_match_one_device_and_fsdp_really_shards():
     for name, spec in out["fsdp_sharded"].items():
         assert "data" in spec, f"{name} is not sharded: {spec}"
         full, local = out["fsdp_full_shapes"][name], out["fsdp_shard_shapes"][name]
-        assert sorted(f // l for f, l in zip(full, local)) == [1] * (len(full) - 1) + [4], (name, full, local)
+        assert sorted(f // s for f, s in zip(full, local)) == [1] * (len(full) - 1) + [4], (name, full, local)
 
 
 def test_fsdp_run_on_four_devices_matches_and_resumes_on_one(corpus, single_device_run):
