@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from train_runs import (LONG, LONG_STEPS, PYTHON, TRAIN_PY, Spec, assert_one_error_line, ckpt_steps, corpus_text,
-                        needs, read_records, snapshot, start_runs, train_losses, val_losses, with_args)
+from train_runs import (LONG, LONG_STEPS, PYTHON, TRAIN_PY, Spec, assert_one_error_line, ckpt_steps, needs,
+                        read_records, scheduled_runs, snapshot, train_losses, val_losses, with_args, work_dir)
 
 KILL_STEP = 4  # SIGKILL while checkpoint 4 is being committed (checkpoints every 2 steps)
 NAN_AFTER = 8  # parameters become NaN after 8 optimizer steps: checkpoint 8 holds them, 6 is the last good one
@@ -104,16 +104,12 @@ def make_specs(work: Path) -> dict[str, Spec]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    work = tmp_path_factory.mktemp("fault_runs")
-    (work / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
-    return work
+    return work_dir(tmp_path_factory, "fault_runs")
 
 
 @pytest.fixture(scope="module")
 def runs(work, request):
-    scheduler = start_runs(make_specs(work), work, request)
-    yield scheduler
-    scheduler.close()
+    yield from scheduled_runs(make_specs(work), work, request)
 
 
 def assert_same_as_reference(work: Path, out: str, from_step: int) -> None:

@@ -12,30 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_runs import (
-    COMMON,
-    CTRL_C_CKPT_INTERVAL,
-    LONG,
-    LONG_STEPS,
-    PYTHON,
-    SHORT,
-    SIGNAL_AT_STEP,
-    TRAIN_PY,
-    Result,
-    Spec,
-    assert_one_error_line,
-    ckpt_steps,
-    corpus_text,
-    needs,
-    read_records,
-    snapshot,
-    start_runs,
-    train_losses,
-    val_losses,
-    with_args,
-)
 
 from flax_gpt.optim import OptimConfig, lr_at
+from train_runs import (COMMON, CTRL_C_CKPT_INTERVAL, LONG, LONG_STEPS, PYTHON, SHORT, SIGNAL_AT_STEP, TRAIN_PY,
+                        Result, Spec, assert_one_error_line, ckpt_steps, corpus_text, needs, read_records,
+                        scheduled_runs, snapshot, train_losses, val_losses, with_args, work_dir)
 
 HF_SCRIPT = """
 import sys, torch
@@ -85,8 +66,7 @@ def make_specs(work: Path) -> dict[str, Spec]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """The working directory of every run: corpus.txt, binary.dat, and the caches."""
-    work = tmp_path_factory.mktemp("train_runs")
-    (work / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
+    work = work_dir(tmp_path_factory, "train_runs")
     (work / "binary.dat").write_bytes(bytes(range(256)) * 8)
     return work
 
@@ -94,9 +74,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(work, request):
-    scheduler = start_runs(make_specs(work), work, request)
-    yield scheduler
-    scheduler.close()
+    yield from scheduled_runs(make_specs(work), work, request)
 
 
 # ----------------------------------------------------------------------------- in process: bad input

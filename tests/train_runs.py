@@ -240,6 +240,20 @@ def needs(*names):
     return mark
 
 
+def work_dir(tmp_path_factory, name: str) -> Path:
+    """A fresh working directory for a module's runs, holding corpus.txt."""
+    work = tmp_path_factory.mktemp(name)
+    (work / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
+    return work
+
+
+def scheduled_runs(specs: dict[str, Spec], work: Path, request):
+    """Body of a module's `runs` fixture: the scheduler while the module's tests run, closed after."""
+    scheduler = start_runs(specs, work, request)
+    yield scheduler
+    scheduler.close()
+
+
 def start_runs(specs: dict[str, Spec], work: Path, request) -> Scheduler:
     """A scheduler for the runs that the tests of request.module marked with @needs, and their deps."""
     env = {**os.environ, "FLAX_GPT_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
