@@ -116,6 +116,15 @@ def assert_one_error_line(stderr: str) -> str:
     return lines[0]
 
 
+def assert_refused(result: "Result", *fragments: str) -> str:
+    """A run that exited 2 with one `error: ...` line holding every fragment; returns the line."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    line = assert_one_error_line(result.stderr)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    return line
+
+
 # ----------------------------------------------------------------------------- background runs
 
 
