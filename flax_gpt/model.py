@@ -233,7 +233,7 @@ def cross_entropy(logits, targets):
     """Mean next-token cross entropy in float32: logits (B, T, V or Vp), targets (B, T).
 
     logsumexp minus the target's logit: the same value as log_softmax then pick, without writing the
-    (B, T, V) log-probabilities out (measured 20% faster on CPU for GPT-2's vocabulary).
+    (B, T, V) log-probabilities out (lm_head + loss measured 15-22% faster on CPU for GPT-2's vocabulary).
     """
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # (B, T)
