@@ -34,11 +34,9 @@ DIVERGED_SUFFIX = ".diverged"  # a step saved after the loss went NaN/inf, set a
 class Checkpointer:
     """Save / restore TrainState + metadata under one directory, keeping the newest `keep`."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False,
-                 warn: Callable[[str], None] | None = None):
+    def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.read_only = read_only
-        self._warn = warn or _warn_on_stderr
         self._unreadable: set[int] = set()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                                enable_async_checkpointing=True)
@@ -145,7 +143,7 @@ class Checkpointer:
         """One warning line per damaged step that was skipped."""
         for s, why in failed:
             kept = f"kept as {moved[s].name}" if moved and s in moved else "left as it is"
-            self._warn(f"warning: checkpoint {self.directory / str(s)} is unreadable ({why}); using step {used} "
+            _warn_on_stderr(f"warning: checkpoint {self.directory / str(s)} is unreadable ({why}); using step {used} "
                        f"instead ({kept})")
 
 
