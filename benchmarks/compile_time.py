@@ -1,6 +1,8 @@
-"""Time to compile a jitted forward+backward for GPT-2 shapes: scanned layers keep it flat in depth.
+"""Time to compile a jitted forward+backward for GPT-2 shapes, layers unrolled (the default) and rolled.
 
     python benchmarks/compile_time.py --presets gpt2 gpt2-xl --seq-len 1024
+
+Unrolled, compile time grows with depth; `scan_layers=True` keeps it flat.
 """
 
 import argparse
@@ -14,9 +16,9 @@ from flax import nnx
 from flax_gpt import GPT, preset
 
 
-def compile_seconds(name: str, batch: int, seq_len: int, dtype: str) -> dict:
+def compile_seconds(name: str, batch: int, seq_len: int, dtype: str, scan_layers: bool) -> dict:
     """Lower and compile grad(loss) on abstract shapes (no weights are allocated)."""
-    config = preset(name, dtype=dtype)
+    config = preset(name, dtype=dtype, scan_layers=scan_layers)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: GPT(config)), nnx.Param)
     idx = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
 
@@ -28,7 +30,7 @@ def compile_seconds(name: str, batch: int, seq_len: int, dtype: str) -> dict:
     t1 = time.perf_counter()
     lowered.compile()
     t2 = time.perf_counter()
-    return {"preset": name, "n_layer": config.n_layer, "trace_lower_s": round(t1 - t0, 2),
+    return {"preset": name, "n_layer": config.n_layer, "scan_layers": scan_layers, "trace_lower_s": round(t1 - t0, 2),
             "compile_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2)}
 
 
@@ -40,8 +42,9 @@ def main():
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, B={args.batch}, T={args.seq_len}, {args.dtype}")
-    for name in args.presets:
-        print(json.dumps(compile_seconds(name, args.batch, args.seq_len, args.dtype)))
+    for scan_layers in (False, True):
+        for name in args.presets:
+            print(json.dumps(compile_seconds(name, args.batch, args.seq_len, args.dtype, scan_layers)), flush=True)
 
 
 if __name__ == "__main__":

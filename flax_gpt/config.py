@@ -22,6 +22,7 @@ class GPTConfig:
     param_dtype: DType = "float32"  # storage dtype of parameters
     attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
+    scan_layers: bool = False  # run the blocks as a rolled loop: compile time flat in depth, slower steps
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
