@@ -11,6 +11,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from flax_gpt.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before JAX starts its threads: steps reuse freed memory instead of faulting it in
     import tyro
 
     from flax_gpt.errors import UserError

@@ -98,7 +98,12 @@ def main():
                     help="any of flax-fp32 flax-bf16 torch-eager-fp32 torch-eager-bf16 torch-compile-fp32 torch-compile-bf16")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc malloc as it is (train.py tunes it, for every framework in this process too)")
     args = ap.parse_args()
+    from flax_gpt.host_memory import keep_freed_memory
+
+    malloc = "glibc default" if args.default_malloc else ("freed memory kept" if keep_freed_memory() else "default")
 
     import jax
     import numpy as np
@@ -144,7 +149,7 @@ def main():
         print(f"{variant:20s} {median * 1e3:9.1f} ms/step {tokens / median:9.0f} tok/s", flush=True)
 
     header = (f"preset {args.preset}, B={args.batch_size}, T={args.seq_len}, {args.threads} threads, "
-              f"{platform.machine()} {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}; "
+              f"{platform.machine()} {os.cpu_count()} cores, malloc {malloc}; jax {jax.__version__}, torch {torch.__version__}; "
               f"measured matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print("\n" + header + "\n")
     print("| variant | median ms/step | tokens/s | first step s | MFU (measured peak) | host overhead | peak RSS MB |")
