@@ -1,6 +1,12 @@
 """Side-by-side train-step speed: flax_gpt vs torch_ref, same config, batch, threads, one process.
 
     python benchmarks/bench_train.py --preset small --batch-size 8 --seq-len 256 --json out.json
+    python benchmarks/bench_train.py --preset gpt2 --batch-size 16 --seq-len 1024 --steps 20 --warmup 3   # on a GPU
+
+On a GPU (--device auto picks it when both JAX and torch see one) the default variants are flax bf16 with
+XLA's and with cuDNN's attention against torch_ref bf16 eager and torch.compile (SDPA attention, fused AdamW);
+cuDNN attention is first checked against XLA's on the model's shapes and is not timed if it disagrees. MFU
+is also reported against the GPU's datasheet bf16 peak.
 
 Each variant is built and its first step timed alone (time to first step, compile included). Then the
 variants take turns, one step each per round (--warmup rounds untimed, --steps rounds timed), so a slow
@@ -43,6 +49,48 @@ def time_rounds(steps: dict, n_warmup: int, n_rounds: int) -> dict[str, list[flo
     return times
 
 
+CUDNN_REL_BOUND = 2e-2  # bf16 attention, cuDNN vs XLA, norm(diff)/norm(ref): DESIGN.md's bf16 bound
+
+
+def relative(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def check_cudnn_attention(config, batch, candidate: str = "cudnn") -> dict:
+    """`candidate` (cuDNN) vs XLA attention, bf16: the attention alone (output, q, k, v gradients) and the model's loss."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flax_gpt import GPT
+
+    B, T = batch[0].shape
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, config.n_head, config.head_dim)), jnp.bfloat16) for _ in range(3))
+
+    def attention_loss(impl):
+        def loss(q, k, v):
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)  # (B, T, nh, hs)
+            return (y.astype(jnp.float32) ** 2).mean(), y
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+    (_, y_xla), g_xla = attention_loss("xla")(q, k, v)
+    (_, y_cudnn), g_cudnn = attention_loss(candidate)(q, k, v)
+    model_loss = {}
+    for name, impl in (("xla", "xla"), ("cudnn", candidate)):
+        model = GPT(config.replace(dtype="bfloat16", attention=impl))  # same seed: same weights
+        model_loss[name] = float(jax.jit(lambda idx, tgt, m=model: m(idx, tgt)[1])(*batch))
+    result = {"output_rel": relative(y_cudnn, y_xla),
+              "grad_rel": max(relative(a, b) for a, b in zip(g_cudnn, g_xla)),
+              "model_loss_xla": model_loss["xla"], "model_loss_cudnn": model_loss["cudnn"]}
+    result["ok"] = max(result["output_rel"], result["grad_rel"]) <= CUDNN_REL_BOUND and \
+        abs(model_loss["cudnn"] - model_loss["xla"]) <= CUDNN_REL_BOUND * abs(model_loss["xla"])
+    return result
+
+
 def flax_step_fn(config, batch, opt_cfg):
     """A zero-argument callable running one jitted flax_gpt train step to completion."""
     import jax
@@ -68,22 +116,38 @@ def flax_step_fn(config, batch, opt_cfg):
     return step
 
 
-def torch_step_fn(config, batch, opt_cfg, autocast: bool, compile_model: bool):
+def torch_step_fn(config, batch, opt_cfg, autocast: bool, compile_model: bool, device: str):
+    """One torch_ref train step as build-nanogpt runs it: SDPA attention, AdamW fused on CUDA, bf16 autocast."""
     import torch
 
     import torch_ref
 
-    model = torch_ref.GPT(torch_ref.config_from_flax(config))
-    optimizer = model.configure_optimizers(opt_cfg.weight_decay, opt_cfg.lr, "cpu")
+    model = torch_ref.GPT(torch_ref.config_from_flax(config)).to(device)
+    optimizer = model.configure_optimizers(opt_cfg.weight_decay, opt_cfg.lr, device)
     if compile_model:
         model = torch.compile(model)
-    x, y = (torch.from_numpy(a.astype("int64")) for a in batch)
+    x, y = (torch.from_numpy(a.astype("int64")).to(device) for a in batch)
     dtype = torch.bfloat16 if autocast else None
 
     def step():
         torch_ref.train_step(model, optimizer, [(x, y)], opt_cfg.lr, opt_cfg.grad_clip, autocast_dtype=dtype)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return step
+
+
+def device_peak_mb(framework: str, device: str) -> float | None:
+    """Peak accelerator memory so far (JAX: over the whole process; torch: since its last reset)."""
+    if device != "cuda":
+        return None
+    if framework == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    import jax
+
+    return jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0) / 2**20
 
 
 def main():
@@ -93,9 +157,10 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--variants", nargs="+",
-                    default=["flax-fp32", "flax-bf16", "torch-eager-fp32", "torch-eager-bf16"],
-                    help="any of flax-fp32 flax-bf16 torch-eager-fp32 torch-eager-bf16 torch-compile-fp32 torch-compile-bf16")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="any of flax-fp32 flax-bf16 flax-cudnn-bf16 torch-eager-fp32 torch-eager-bf16 torch-compile-fp32 "
+                         "torch-compile-bf16; default: fp32 and bf16 of flax and torch eager (CPU), the bf16 ones (GPU)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--default-malloc", action="store_true",
@@ -104,16 +169,27 @@ def main():
     from flax_gpt.host_memory import keep_freed_memory
 
     malloc = "glibc default" if args.default_malloc else ("freed memory kept" if keep_freed_memory() else "default")
-
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to torch as well
     import jax
+
+    if args.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
     import numpy as np
     import torch
 
     from flax_gpt import preset
-    from flax_gpt.metrics import flops_per_token, measured_matmul_peak
+    from flax_gpt.metrics import flops_per_token, measured_matmul_peak, peak_flops
     from flax_gpt.optim import OptimConfig
 
     torch.set_num_threads(args.threads)
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    if args.device == "cuda" and not on_gpu:
+        raise SystemExit("--device cuda: JAX and torch must both see a CUDA GPU")
+    device = "cuda" if on_gpu else "cpu"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True  # build-nanogpt's 'high' float32 matmul precision
+    variants = args.variants or (["flax-bf16", "flax-cudnn-bf16", "torch-eager-bf16", "torch-compile-bf16"] if on_gpu
+                                 else ["flax-fp32", "flax-bf16", "torch-eager-fp32", "torch-eager-bf16"])
     config = preset(args.preset)
     if args.seq_len > config.block_size:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds {args.preset}'s block_size {config.block_size}")
@@ -122,43 +198,60 @@ def main():
     opt_cfg = OptimConfig(lr=6e-4, warmup_steps=10, max_steps=1000)
     tokens = args.batch_size * args.seq_len
     peaks = {"fp32": measured_matmul_peak("float32"), "bf16": measured_matmul_peak("bfloat16")}
+    datasheet_peak, peak_source = peak_flops("bfloat16") if on_gpu else (None, None)
 
     from flax_gpt import GPT
 
     flops = flops_per_token(config, GPT(config).num_params(), args.seq_len) * tokens  # the same model in every variant
-    results, steps = {}, {}
-    for variant in args.variants:
+    results, steps, extra = {}, {}, {}
+    if "flax-cudnn-bf16" in variants:
+        extra["cudnn_check"] = check_cudnn_attention(config, batch)
+        print(f"cuDNN vs XLA attention (bf16, bound {CUDNN_REL_BOUND}): {extra['cudnn_check']}", flush=True)
+        if not extra["cudnn_check"]["ok"]:
+            variants = [v for v in variants if v != "flax-cudnn-bf16"]
+            print("cuDNN attention disagrees with XLA's: flax-cudnn-bf16 is not timed", flush=True)
+    for variant in variants:
         framework, *mode, dtype = variant.split("-")
         if framework == "flax":
-            cfg = config.replace(dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
+            cfg = config.replace(dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
+                                 attention="cudnn" if mode == ["cudnn"] else "xla")
             steps[variant] = flax_step_fn(cfg, batch, opt_cfg)
         else:
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
             steps[variant] = torch_step_fn(config, batch, opt_cfg, autocast=dtype == "bf16",
-                                           compile_model=mode == ["compile"])
+                                           compile_model=mode == ["compile"], device=device)
         first = time_first(steps[variant])
         results[variant] = {"first_step_s": first, "peak_rss_mb": peak_rss_mb()}
+        if on_gpu:
+            results[variant]["peak_device_mb"] = device_peak_mb(framework, device)
         print(f"{variant:20s} first step {first:6.1f} s", flush=True)
     times = time_rounds(steps, args.warmup, args.steps)
     for variant, r in results.items():
         dtype = variant.split("-")[-1]
         median = statistics.median(times[variant])
         r |= {"median_ms": median * 1e3, "tok_s": tokens / median, "mfu_vs_measured_peak": flops / median / peaks[dtype]}
+        if datasheet_peak:
+            r["mfu_vs_datasheet_peak"] = flops / median / datasheet_peak
         host = getattr(steps[variant], "host_s", None)
         if host:
             r["host_overhead"] = statistics.median(host[-args.steps:]) / median
         print(f"{variant:20s} {median * 1e3:9.1f} ms/step {tokens / median:9.0f} tok/s", flush=True)
 
-    header = (f"preset {args.preset}, B={args.batch_size}, T={args.seq_len}, {args.threads} threads, "
-              f"{platform.machine()} {os.cpu_count()} cores, malloc {malloc}; jax {jax.__version__}, torch {torch.__version__}; "
+    where = (f"{jax.devices()[0].device_kind}, MFU also against {peak_source} {datasheet_peak / 1e12:.0f} TFLOP/s"
+             if on_gpu else f"{args.threads} threads, {platform.machine()} {os.cpu_count()} cores, malloc {malloc}")
+    header = (f"preset {args.preset}, B={args.batch_size}, T={args.seq_len}, {where}; jax {jax.__version__}, torch {torch.__version__}; "
               f"measured matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print("\n" + header + "\n")
-    print("| variant | median ms/step | tokens/s | first step s | MFU (measured peak) | host overhead | peak RSS MB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    gpu_cols = " MFU (datasheet) | peak GPU MB |" if on_gpu else ""
+    print(f"| variant | median ms/step | tokens/s | first step s | MFU (measured peak) |{gpu_cols} host overhead | peak RSS MB |")
+    print("| --- | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * (2 if on_gpu else 1))
     for name, r in results.items():
         host = f"{r['host_overhead']:.2%}" if "host_overhead" in r else "-"
+        gpu = f" {r['mfu_vs_datasheet_peak']:.1%} | {r['peak_device_mb']:.0f} |" if on_gpu else ""
         print(f"| {name} | {r['median_ms']:.0f} | {r['tok_s']:.0f} | {r['first_step_s']:.1f} | "
-              f"{r['mfu_vs_measured_peak']:.1%} | {host} | {r['peak_rss_mb']:.0f} |")
-    summary = {"header": header, "variants": results}
+              f"{r['mfu_vs_measured_peak']:.1%} |{gpu} {host} | {r['peak_rss_mb']:.0f} |")
+    summary = {"header": header, "device": device, "variants": results} | extra
     if "flax-fp32" in results and "torch-eager-fp32" in results:
         ratio = results["flax-fp32"]["tok_s"] / results["torch-eager-fp32"]["tok_s"]
         summary |= {"flax_tok_s": results["flax-fp32"]["tok_s"], "torch_eager_tok_s": results["torch-eager-fp32"]["tok_s"],

@@ -15,7 +15,7 @@ import numpy as np
 from flax_gpt.config import GPTConfig
 
 # Dense bf16 datasheet peaks (FLOP/s) by device-kind substring; fp32 without TF32 is far lower.
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                  "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
