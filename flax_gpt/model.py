@@ -4,7 +4,8 @@ Module and parameter names follow HuggingFace GPT-2 (wte, wpe, h, ln_1, attn.c_a
 so `h.attn.c_attn.kernel` is HF's `h.{i}.attn.c_attn.weight` stacked over layers.
 The layers are stacked along a leading axis and run through a `lax.scan`: unrolled for training by
 default, rolled with `scan_layers=True` (compile time flat in depth) and always when decoding.
-Parameters are stored in `param_dtype`; matmuls run in `dtype`; LayerNorm, softmax, the residual stream, logits and the loss stay in float32.
+Parameters are stored in `param_dtype`; matmuls run in `dtype`; LayerNorm, softmax, the residual
+stream, logits and the loss stay in float32.
 """
 
 from __future__ import annotations
