@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import functools
 from collections.abc import Iterator
 from typing import Literal
 
@@ -68,21 +67,6 @@ def _step(graphdef, params, token, cache, pos, key, i, temperature: float, top_k
     return _pick(logits[:, 0], jax.random.fold_in(key, i), temperature, top_k, top_p), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", *SAMPLING))
-def _generate(graphdef, params, prompt, prompt_len, key, max_new_tokens: int, temperature: float, top_k, top_p):
-    """prompt (B, P) right-padded, prompt_len real tokens -> new tokens (B, max_new_tokens), one program."""
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    first, cache = _prefill(graphdef, params, prompt, prompt_len, key, prompt.shape[1] + max_new_tokens, **sampling)
-
-    def body(carry, i):
-        token, cache = carry
-        nxt, cache = _step(graphdef, params, token, cache, prompt_len + i, key, i + 1, **sampling)
-        return (nxt, cache), token
-
-    (final, _), tokens = jax.lax.scan(body, (first, cache), jnp.arange(max_new_tokens - 1))  # tokens (N-1, B)
-    return jnp.concatenate([tokens.T, final[:, None]], axis=1)  # (B, max_new_tokens)
-
-
 _prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cache_len", *SAMPLING))
 _step_jit = jax.jit(_step, static_argnames=("graphdef", *SAMPLING), donate_argnames=("cache",))
 
@@ -109,12 +93,14 @@ def _check_and_pad(model: GPT, idx, max_new_tokens: int, temperature, top_k, top
 
 def generate(model: GPT, idx, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> np.ndarray:
-    """Continue prompts idx (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens) ids."""
-    prompt, T0 = _check_and_pad(model, idx, max_new_tokens, temperature, top_k, top_p)
-    graphdef, params = nnx.split(model)
-    new = _generate(graphdef, params, prompt, jnp.int32(T0), jax.random.key(seed),
-                    max_new_tokens, float(temperature), top_k, top_p)
-    return np.concatenate([np.asarray(idx, np.int32), np.asarray(new)], axis=1)
+    """Continue prompts idx (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens) ids.
+
+    The tokens of `stream`: a jitted step per token with the cache donated, which ran 1.2x faster on CPU
+    than one program scanning over the tokens (BENCHMARKS.md).
+    """
+    new = np.stack(list(stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed)), axis=1)  # (B, max_new_tokens)
+    return np.concatenate([np.asarray(idx, np.int32), new], axis=1)
 
 
 def stream(model: GPT, idx, max_new_tokens: int, *, temperature: float = 1.0,

@@ -47,10 +47,11 @@ def test_decode_compiles_once_per_bucket():
     from flax_gpt import generate as gen
 
     model = GPT.from_pretrained(checks.hf_dir("tiny"))
-    before = gen._generate._cache_size()
+    compiled = (gen._prefill_jit, gen._step_jit)
+    before = [f._cache_size() for f in compiled]
     for length in (3, 7, 11):  # one prompt bucket (<= 64), same batch and max_new_tokens
         generate(model, checks.tokens("tiny", batch=1, seq_len=length), 6, temperature=0)
-    assert gen._generate._cache_size() - before == 1
+    assert [f._cache_size() - b for f, b in zip(compiled, before)] == [1, 1]  # one prefill, one decode step
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=10, seed=4),
