@@ -11,16 +11,16 @@ import sys
 
 
 def main(argv=None) -> int:
-    from flax_gpt.host_memory import keep_freed_memory
-
-    keep_freed_memory()  # before JAX starts its threads: steps reuse freed memory instead of faulting it in
     import tyro
 
     from flax_gpt.errors import UserError
+    from flax_gpt.host_memory import jax_runs_on_cpu, keep_freed_memory
     from flax_gpt.train import TrainConfig, run
 
     argv = sys.argv[1:] if argv is None else argv
     cfg = tyro.cli(TrainConfig, args=argv, description=__doc__)
+    if jax_runs_on_cpu(cfg.device):
+        keep_freed_memory()  # before JAX starts its threads: CPU steps reuse freed memory instead of faulting it in
     try:
         summary = run(cfg)
     except UserError as e:

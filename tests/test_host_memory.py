@@ -1,4 +1,4 @@
-"""keep_freed_memory: a freed 64 MB block is reused without faulting its pages in again."""
+"""keep_freed_memory: a freed 64 MB block is reused without faulting its pages in again; CPU runs only."""
 
 import os
 import subprocess
@@ -48,3 +48,13 @@ def test_opt_out_leaves_malloc_alone():
     applied, faults = faults_per_reuse({OPT_OUT: "1"})
     assert not applied
     assert faults > 10000, f"only {faults} page faults per 64 MB block with glibc's defaults; the test lost its contrast"
+
+
+def test_only_cpu_runs_are_tuned(monkeypatch):
+    from flax_gpt import host_memory
+
+    assert host_memory.jax_runs_on_cpu("cpu") and not host_memory.jax_runs_on_cpu("cuda")
+    monkeypatch.setattr(host_memory, "ACCELERATOR_PLUGINS", ("no-such-plugin",))
+    assert host_memory.jax_runs_on_cpu("auto")
+    monkeypatch.setattr(host_memory, "ACCELERATOR_PLUGINS", ("no-such-plugin", "numpy"))  # installed: stands for one
+    assert not host_memory.jax_runs_on_cpu("auto")
