@@ -31,8 +31,8 @@ def keep_freed_memory() -> bool:
 
     Measured on 2 cores: gpt2 bf16 step 2.1 -> 1.6 s, page faults 470k -> 0 per step (BENCHMARKS.md). The
     cost is host memory: what one phase frees (eval, sampling, checkpointing) stays with the process, so
-    120 steps of the small default run peak at 3.5 GB RSS instead of 2.2 (flat after the first checkpoint). Only worth it
-    when XLA computes on the CPU. Call it before JAX starts its threads; True if applied.
+    120 steps of the small default run peak at 3.5 GB RSS instead of 2.2 (flat after the first checkpoint).
+    Only worth it when XLA computes on the CPU. Call it before JAX starts its threads; True if applied.
     """
     if not sys.platform.startswith("linux") or os.environ.get(OPT_OUT) == "1":
         return False
