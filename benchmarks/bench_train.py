@@ -164,11 +164,12 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--default-malloc", action="store_true",
-                    help="leave glibc malloc as it is (train.py tunes it, for every framework in this process too)")
+                    help="leave glibc malloc as it is (train.py tunes it on CPU; here it would apply to every framework)")
     args = ap.parse_args()
-    from flax_gpt.host_memory import keep_freed_memory
+    from flax_gpt.host_memory import jax_runs_on_cpu, keep_freed_memory
 
-    malloc = "glibc default" if args.default_malloc else ("freed memory kept" if keep_freed_memory() else "default")
+    tuned = not args.default_malloc and jax_runs_on_cpu(args.device) and keep_freed_memory()  # as train.py does
+    malloc = "freed memory kept" if tuned else ("glibc default" if args.default_malloc else "default")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to torch as well
     import jax
 
