@@ -1,4 +1,4 @@
-"""Train a GPT-2 with JAX/Flax: `python train.py` (small model, Shakespeare, ~8 min on 2 CPU cores).
+"""Train a GPT-2 with JAX/Flax: `python train.py` (small model, Shakespeare, ~5 min on 2 CPU cores).
 
     python train.py --preset tiny                      # a test run, seconds
     python train.py --data my.txt --max-steps 1000     # your text
