@@ -17,19 +17,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt.config import GPTConfig
+from flax_gpt.ops import after, causal_attention, gelu, layer_norm, lm_head_loss
 
 INIT_STD = 0.02
 
 
 @jax.custom_vjp
 def low_precision_matmul(x, w):
-    """x (..., K) @ w (K, N), both in a 16-bit compute dtype, accumulated and returned in float32.
+    """x (..., K) in a 16-bit compute dtype @ w (K, N) rounded to it, accumulated and returned in float32.
 
     The backward pass multiplies in that dtype too (the cotangent is rounded to it, as under torch autocast),
     so all three matmuls of a layer run on bf16 x bf16 -> f32 kernels; plain autodiff would get a float32
-    cotangent from the float32 output and run both backward matmuls in float32.
+    cotangent from the float32 output and run both backward matmuls in float32. It keeps w as given
+    (the float32 parameter, alive anyway) and rounds it again, rather than keeping a bf16 copy.
     """
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)  # (..., N)
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # (..., N)
 
 
 def _low_precision_matmul_fwd(x, w):
@@ -37,9 +39,9 @@ def _low_precision_matmul_fwd(x, w):
 
 
 def _low_precision_matmul_bwd(saved, g):
-    x, w = saved
+    x, w = after(g, *saved)
     g = g.astype(x.dtype)  # (..., N)
-    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32)  # (..., K)
+    dx = jnp.dot(g, w.astype(x.dtype).T, preferred_element_type=jnp.float32)  # (..., K)
     batch_axes = tuple(range(x.ndim - 1))
     dw = jnp.tensordot(x, g, axes=(batch_axes, batch_axes), preferred_element_type=jnp.float32)  # (K, N)
     return dx.astype(x.dtype), dw.astype(w.dtype)
@@ -50,8 +52,8 @@ low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd
 
 def matmul(x, w, dtype: str):
     """x @ w in the compute dtype, result in float32; float32 compute is a plain dot."""
-    x, w = x.astype(dtype), w.astype(dtype)
-    return jnp.dot(x, w) if jnp.dtype(dtype) == jnp.float32 else low_precision_matmul(x, w)
+    x = x.astype(dtype)
+    return jnp.dot(x, w.astype(dtype)) if jnp.dtype(dtype) == jnp.float32 else low_precision_matmul(x, w)
 
 
 class Linear(nnx.Linear):
@@ -70,9 +72,15 @@ def _linear(config: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs
     )
 
 
-def _layer_norm(config: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """GPT-2 LayerNorm: eps 1e-5 (Flax's default is 1e-6), statistics and output in float32."""
-    return nnx.LayerNorm(config.n_embd, epsilon=1e-5, param_dtype=config.param_dtype, rngs=rngs)
+class LayerNorm(nnx.Module):
+    """GPT-2 LayerNorm (eps 1e-5, Flax's default is 1e-6): parameters `scale` and `bias`, output float32."""
+
+    def __init__(self, config: GPTConfig):
+        self.scale = nnx.Param(jnp.ones((config.n_embd,), config.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((config.n_embd,), config.param_dtype))
+
+    def __call__(self, x):
+        return layer_norm(x, self.scale[...], self.bias[...], 1e-5)  # (..., C) float32
 
 
 class CausalSelfAttention(nnx.Module):
@@ -93,8 +101,10 @@ class CausalSelfAttention(nnx.Module):
         q = q.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
         k = k.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
         v = v.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
-        if kv_cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)  # (B, T, nh, hs)
+        if kv_cache is None and self.implementation == "cudnn":  # flash attention: keeps only its output and statistics
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # (B, T, nh, hs)
+        elif kv_cache is None:  # XLA: by blocks of queries, recomputed in the backward pass
+            y = causal_attention(q, k, v)  # (B, T, nh, hs)
         else:
             k_cache, v_cache = kv_cache
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1)  # (B, S, nh, hs)
@@ -115,15 +125,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         x = self.c_fc(x)  # (B, T, 4C)
-        x = jax.nn.gelu(x, approximate=True)  # GPT-2's tanh GELU
+        x = gelu(x)  # GPT-2's tanh GELU
         return self.c_proj(x)  # (B, T, C)
 
 
 class Block(nnx.Module):
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
-        self.ln_1 = _layer_norm(config, rngs)
+        self.ln_1 = LayerNorm(config)
         self.attn = CausalSelfAttention(config, rngs)
-        self.ln_2 = _layer_norm(config, rngs)
+        self.ln_2 = LayerNorm(config)
         self.mlp = MLP(config, rngs)
 
     def __call__(self, x, kv_cache=None, pos=0):
@@ -151,13 +161,18 @@ class GPT(nnx.Module):
             return Block(config, rngs)
 
         self.h = make_blocks(rngs)  # one Block whose parameters have a leading n_layer axis
-        self.ln_f = _layer_norm(config, rngs)
+        self.ln_f = LayerNorm(config)
 
     def __call__(self, idx, targets=None):
         x, _ = self.trunk(idx)  # (B, T, C)
         logits = self.padded_logits(x)  # (B, T, Vp) float32, -inf in the padding columns
         loss = None if targets is None else cross_entropy(logits, targets)
         return logits[..., : self.config.vocab_size], loss  # (B, T, V)
+
+    def loss(self, idx, targets):
+        """Mean cross entropy of idx (B, T) against targets (B, T) without materializing the logits."""
+        x, _ = self.trunk(idx)  # (B, T, C)
+        return lm_head_loss(x, self.wte.embedding[...], targets, self.config.vocab_size, self.config.dtype)
 
     def decode(self, idx, kv_cache, pos):
         """Logits (B, T, V) of idx (B, T) at positions pos..pos+T-1, reading and extending kv_cache."""
@@ -191,9 +206,11 @@ class GPT(nnx.Module):
 
         if self.config.remat:
             run_block = jax.checkpoint(run_block)  # recompute activations in the backward pass
-        # Training unrolls (the rolled loop's stacking copies cost ~1/3 of a bf16 step on CPU); decoding keeps the
-        # rolled loop, which updates the stacked KV cache in place (unrolled, a token step ran 3x slower).
-        unroll = 1 if self.config.scan_layers or kv_cache is not None else True
+        # Training unrolls (the rolled loop's stacking copies cost ~1/3 of a bf16 step on CPU). Decoding keeps the
+        # rolled loop, which updates the stacked KV cache in place; so does remat: in unrolled code XLA computes the
+        # recomputation next to the forward pass and keeps its results, saving nothing.
+        rolled = self.config.scan_layers or self.config.remat or kv_cache is not None
+        unroll = 1 if rolled else True
         x, kv_cache = jax.lax.scan(run_block, x, (block_params, kv_cache), unroll=unroll)
         return self.ln_f(x), kv_cache  # (B, T, C) float32
 

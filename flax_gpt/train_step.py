@@ -29,9 +29,7 @@ def init_state(model: GPT, tx: optax.GradientTransformation) -> tuple[nnx.GraphD
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, x, y):
     """Mean cross entropy of one (B, T) batch."""
-    model = nnx.merge(graphdef, params)
-    _, loss = model(x, y)
-    return loss
+    return nnx.merge(graphdef, params).loss(x, y)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule=None,

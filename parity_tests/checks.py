@@ -7,6 +7,7 @@ report prints the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 from functools import cache
@@ -25,7 +26,7 @@ torch.set_num_threads(1)  # 2 threads made these tiny ops ~100x slower on the 2-
 from flax import nnx  # noqa: E402
 
 import torch_ref  # noqa: E402
-from flax_gpt import GPT  # noqa: E402
+from flax_gpt import GPT, ops  # noqa: E402
 from flax_gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from parity_tests.checkpoints import SHAPES_BY_NAME, make_hf_model, save_checkpoint  # noqa: E402
 
@@ -38,6 +39,11 @@ TRAJECTORY_REL = 1e-4
 BF16_REL = 2e-2
 BF16_KL = 1e-3
 BF16_GRAD_REL = BF16_REL  # the table's bf16 row; measured 1.1e-2 to 1.3e-2 (worst param) on tiny, odd, deep
+# bf16 chunked vs full-logits loss: the same bf16 logits summed in another order; measured 9.4e-8 to 9.4e-6
+BF16_LOSS_REL = 1e-4
+# bf16 chunked vs full-logits gradients: both round cotangents to bf16, at different points (the full-logits
+# path also rounds dx and dW of the lm_head to bf16); measured 7.6e-3 to 9.1e-3, so the table's bf16 row
+BF16_CHUNKED_GRAD_REL = BF16_REL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +178,27 @@ def jit_vs_eager(shape: str) -> Measurement:
 # ----------------------------------------------------------------------------- gradients
 
 
-def flax_grads(model: GPT, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Gradients of the loss as HF-named tensors (unstacked, unpadded), like torch's .grad."""
+@contextlib.contextmanager
+def small_blocks(attention_block: int = 8, loss_chunk: int = 16):
+    """ops' attention blocks and loss chunks made small: tiny sequences then run several, the last one padded."""
+    saved = ops.ATTENTION_BLOCK, ops.LOSS_CHUNK
+    ops.ATTENTION_BLOCK, ops.LOSS_CHUNK = attention_block, loss_chunk
+    try:
+        yield
+    finally:
+        ops.ATTENTION_BLOCK, ops.LOSS_CHUNK = saved
+
+
+def flax_grads(model: GPT, idx: np.ndarray, training_loss: bool = True) -> dict[str, np.ndarray]:
+    """Gradients of the loss as HF-named tensors (unstacked, unpadded), like torch's .grad.
+
+    training_loss: the loss train steps use (GPT.loss: chunked lm_head + loss); else the loss beside the logits.
+    """
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss_fn(p):
-        return nnx.merge(graphdef, p)(jnp.asarray(idx[:, :-1]), jnp.asarray(idx[:, 1:]))[1]
+        model, x, y = nnx.merge(graphdef, p), jnp.asarray(idx[:, :-1]), jnp.asarray(idx[:, 1:])
+        return model.loss(x, y) if training_loss else model(x, y)[1]
 
     grads = jax.grad(loss_fn)(params)
     return to_hf_state_dict(nnx.merge(graphdef, grads))
@@ -217,6 +238,46 @@ def remat_grads(shape: str) -> Measurement:
     remat = flax_grads(GPT.from_pretrained(hf_dir(shape), remat=True), idx)
     return Measurement(f"remat vs plain gradients [{shape}] worst relative",
                        max(rel(remat[k], plain[k]) for k in plain), GRAD_REL)
+
+
+def training_loss_vs_logits_loss(shape: str, dtype: str = "float32") -> tuple[Measurement, Measurement]:
+    """GPT.loss (lm_head + loss in chunks, attention in query blocks: both several here, with a hand-written
+    backward) against the loss of the full logits with plain autodiff: value and every gradient."""
+    idx = tokens(shape)
+    model = GPT.from_pretrained(hf_dir(shape), dtype=dtype)
+    x, y = jnp.asarray(idx[:, :-1]), jnp.asarray(idx[:, 1:])
+    with small_blocks():
+        chunked = float(model.loss(x, y))
+        ours = flax_grads(model, idx)
+    with small_blocks(attention_block=idx.shape[1]):  # one block: jax.nn.dot_product_attention, plain autodiff
+        plain = float(model(x, y)[1])
+        ref = flax_grads(model, idx, training_loss=False)
+    loss_bound, grad_bound = (LOSS_REL, GRAD_REL) if dtype == "float32" else (BF16_LOSS_REL, BF16_CHUNKED_GRAD_REL)
+    return (Measurement(f"chunked vs full-logits loss [{shape}, {dtype}] relative", abs(chunked - plain) / abs(plain),
+                        loss_bound),
+            Measurement(f"chunked vs full-logits gradients [{shape}, {dtype}] worst param relative",
+                        max(rel(ours[k], ref[k]) for k in ref), grad_bound))
+
+
+def blocked_attention_vs_xla(dtype: str = "float32", T: int = 45) -> tuple[Measurement, Measurement]:
+    """ops.causal_attention by query blocks (recomputed in the backward pass) against one
+    jax.nn.dot_product_attention call: outputs, and the gradients of q, k, v."""
+    q, k, v, g = (jnp.asarray(np.random.default_rng(i).standard_normal((2, T, 3, 16)), dtype) for i in range(4))
+
+    def plain(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    with small_blocks():
+        out, vjp = jax.vjp(ops.causal_attention, q, k, v)
+        grads = vjp(g)
+    ref_out, ref_vjp = jax.vjp(plain, q, k, v)
+    ref_grads = ref_vjp(g)
+    out_bound, grad_bound = (LOGITS_MAX_ABS, GRAD_REL) if dtype == "float32" else (BF16_REL, BF16_REL)
+    return (Measurement(f"blocked vs one-call XLA attention [{dtype}, T={T}, blocks of 8] output relative",
+                        rel(out.astype(jnp.float32), ref_out.astype(jnp.float32)), out_bound),
+            Measurement(f"blocked vs one-call XLA attention [{dtype}, T={T}, blocks of 8] q, k, v gradients worst relative",
+                        max(rel(a.astype(jnp.float32), b.astype(jnp.float32)) for a, b in zip(grads, ref_grads)),
+                        grad_bound))
 
 
 # ----------------------------------------------------------------------------- bf16
@@ -436,6 +497,8 @@ def all_forward_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
         out += [logits_flax_vs_hf(shape), logits_torch_ref_vs_hf(shape), loss_flax_vs_hf(shape),
                 grads_flax_vs_torch_ref(shape), *bf16_vs_autocast(shape), bf16_grads_vs_autocast(shape), causality(shape),
                 causality_by_gradient(shape), vocab_padding_invariance(shape), round_trip_flax_torch_flax(shape),
-                state_dict_round_trip(shape), jit_vs_eager(shape), remat_grads(shape)]
+                state_dict_round_trip(shape), jit_vs_eager(shape), remat_grads(shape),
+                *training_loss_vs_logits_loss(shape), *training_loss_vs_logits_loss(shape, "bfloat16")]
+    out += [*blocked_attention_vs_xla(), *blocked_attention_vs_xla("bfloat16")]
     out += [logits_flax_vs_hf("odd", layout) for layout in GOOD_LAYOUTS if layout != "safetensors"]
     return out

@@ -63,6 +63,34 @@ def test_low_precision_matmul_vjp_is_the_dot_vjp():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_layer_norm_and_gelu_vjps_are_autodiff_of_their_formulas():
+    """The hand-written backward passes of ops.layer_norm and ops.gelu against autodiff of the plain formulas (f32)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flax_gpt import ops
+
+    rng = np.random.default_rng(0)
+    x, g = (jnp.asarray(3 * rng.standard_normal((2, 5, 8)), jnp.float32) for _ in range(2))
+    scale, bias = (jnp.asarray(rng.standard_normal(8), jnp.float32) for _ in range(2))
+
+    def plain_layer_norm(x, scale, bias):
+        mean = x.mean(-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * scale + bias
+
+    def plain_gelu(x):
+        return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+    for ours, ref, args in ((lambda *a: ops.layer_norm(*a, 1e-5), plain_layer_norm, (x, scale, bias)),
+                            (ops.gelu, plain_gelu, (x,))):
+        out, vjp = jax.vjp(ours, *args)
+        ref_out, ref_vjp = jax.vjp(ref, *args)
+        np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+        for a, b in zip(vjp(g), ref_vjp(g)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_causality_later_tokens_never_change_earlier_logits(shape):
     assert_within(checks.causality(shape))
@@ -88,6 +116,21 @@ def test_hf_state_dict_round_trip_is_exact():
 
 def test_jit_matches_eager():
     assert_within(checks.jit_vs_eager("odd"))
+
+
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_training_loss_equals_the_full_logits_loss(shape, dtype):
+    loss, grads = checks.training_loss_vs_logits_loss(shape, dtype)
+    assert_within(loss)
+    assert_within(grads)
+
+
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+def test_blocked_attention_equals_one_xla_call(dtype):
+    out, grads = checks.blocked_attention_vs_xla(dtype)
+    assert_within(out)
+    assert_within(grads)
 
 
 def test_remat_gives_the_same_gradients():

@@ -1,0 +1,236 @@
+"""Memory-lean pieces of the model with hand-written backward passes: what they keep for the backward
+pass is chosen here, not by autodiff.
+
+    layer_norm         keeps its float32 input and two statistics per row (autodiff: three float32 copies)
+    gelu               GPT-2's tanh GELU keeping only its input (autodiff: six copies of the (B, T, 4C) tensor)
+    causal_attention   XLA attention over blocks of queries, each block recomputed in the backward pass
+    lm_head_loss       tied lm_head + cross entropy over chunks of tokens, logits never all in memory
+
+Blocks and chunks run in rolled loops (lax.map / lax.scan): one after the other on every backend,
+so only one block's temporaries exist at a time. (Optimization barriers do not order straight-line
+code on XLA:CPU, which expands them early.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_BLOCK = 256  # queries per block of causal_attention
+LOSS_CHUNK = 1024  # tokens per chunk of lm_head_loss: (LOSS_CHUNK, Vp) float32 logits at a time
+
+
+def _to_blocks(x, size: int):
+    """(B, T, ...) -> (n, B, size, ...), T padded with zeros up to n * size."""
+    B, T = x.shape[:2]
+    n = -(-T // size)
+    x = jnp.pad(x, [(0, 0), (0, n * size - T)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(B, n, size, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _from_blocks(x, T: int):
+    """(n, B, size, ...) -> (B, T, ...): the inverse of _to_blocks."""
+    n, B, size = x.shape[:3]
+    return x.swapaxes(0, 1).reshape(B, n * size, *x.shape[3:])[:, :T]
+
+
+def after(g, *xs):
+    """xs, made to depend on g (0 * one element of g is added): nothing computed from them can run before g exists.
+
+    Every hand-written backward pass starts with it. XLA:CPU schedules work that needs only saved inputs
+    (recomputation, dtype converts, transposed copies, zero-filled accumulators) as early as those exist,
+    during the forward pass, and keeps the results alive until the backward pass reaches them. (An
+    optimization barrier does not stop this: XLA:CPU removes barriers before it schedules.)
+    """
+    zero = g.reshape(-1)[0].astype(jnp.float32) * 0  # () float32
+    return tuple(jax.tree.map(lambda x: x + zero.astype(x.dtype), x) for x in xs)
+
+
+def _sum_and_stack(f, xs, zeros):
+    """(zeros + sum over i of f(xs[i])[0], stack over i of f(xs[i])[1]): a rolled loop over the leading axis."""
+    def step(total, x):
+        part, out = f(x)
+        return jax.tree.map(jnp.add, total, part), out
+
+    return jax.lax.scan(step, zeros, xs)
+
+
+# ----------------------------------------------------------------------------- layer norm, GELU
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm over the last axis in float32: x (..., C), scale and bias (C,) -> (..., C) float32."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_stats(x, eps: float):
+    """Row mean and 1 / std of x (..., C), both (..., 1) float32 (two-pass variance, as torch)."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)  # (..., 1)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)  # (..., 1)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    x = x.astype(jnp.float32)
+    mean, rstd = _layer_norm_stats(x, eps)  # (..., 1) each
+    y = (x - mean) * rstd * scale + bias  # (..., C)
+    return y, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, saved, g):
+    x, mean, rstd, scale = after(g, *saved)
+    x_hat = (x - mean) * rstd  # (..., C)
+    g_hat = g * scale  # (..., C)
+    dx = rstd * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
+                 - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True))  # (..., C)
+    batch_axes = tuple(range(x.ndim - 1))
+    return dx, jnp.sum(g * x_hat, axis=batch_axes), jnp.sum(g, axis=batch_axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@jax.custom_vjp
+def gelu(x):
+    """GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    x, = after(g, x)
+    x32 = x.astype(jnp.float32)
+    c = math.sqrt(2 / math.pi)
+    t = jnp.tanh(c * (x32 + 0.044715 * x32**3))
+    slope = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * c * (1 + 3 * 0.044715 * x32 * x32)
+    return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _attend_rows(q, k, v, start):
+    """Queries q (B, Tq, nh, hs) at positions start.. attend to keys k, v (B, T, nh, hs) at or before them."""
+    visible = jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(q.shape[1])[:, None]  # (Tq, T)
+    return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation="xla")  # (B, Tq, nh, hs)
+
+
+def causal_attention(q, k, v):
+    """Causal self-attention with XLA's jax.nn.dot_product_attention: (B, T, nh, hs) -> (B, T, nh, hs).
+
+    Sequences longer than ATTENTION_BLOCK run ATTENTION_BLOCK queries at a time, and the backward pass
+    keeps only q, k, v and recomputes each block's (B, nh, ATTENTION_BLOCK, T) scores, as flash attention
+    does, instead of keeping (B, nh, T, T) scores and probabilities for every layer.
+    """
+    if q.shape[1] <= ATTENTION_BLOCK:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # (B, T, nh, hs)
+    return _blocked_attention(q, k, v)
+
+
+@jax.custom_vjp
+def _blocked_attention(q, k, v):
+    """causal_attention by blocks of queries, recomputed in the backward pass."""
+    starts = jnp.arange(0, q.shape[1], ATTENTION_BLOCK)  # (n,)
+    out = jax.lax.map(lambda qs: _attend_rows(qs[0], k, v, qs[1]), (_to_blocks(q, ATTENTION_BLOCK), starts))
+    return _from_blocks(out, q.shape[1])  # (B, T, nh, hs)
+
+
+def _blocked_attention_fwd(q, k, v):
+    return _blocked_attention(q, k, v), (q, k, v)
+
+
+def _blocked_attention_bwd(saved, g):
+    q, k, v = after(g, *saved)
+
+    def block_grads(qgs):
+        q_i, g_i, start = qgs  # (B, Tq, nh, hs), (B, Tq, nh, hs), ()
+        _, block_vjp = jax.vjp(lambda q_i, k, v: _attend_rows(q_i, k, v, start), q_i, k, v)
+        dq_i, dk, dv = block_vjp(g_i)  # (B, Tq, nh, hs), (B, T, nh, hs), (B, T, nh, hs)
+        return (dk.astype(jnp.float32), dv.astype(jnp.float32)), dq_i
+
+    starts = jnp.arange(0, q.shape[1], ATTENTION_BLOCK)  # (n,)
+    zeros = after(g, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))  # (B, T, nh, hs) each
+    (dk, dv), dq = _sum_and_stack(block_grads, (_to_blocks(q, ATTENTION_BLOCK), _to_blocks(g, ATTENTION_BLOCK), starts),
+                                  zeros)
+    return _from_blocks(dq, q.shape[1]), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+
+
+# ----------------------------------------------------------------------------- lm_head + loss
+
+
+def _chunk_logits(x, w, vocab_size: int):
+    """Logits (N, Vp) float32 of x (N, C) against w (Vp, C), both in the compute dtype; -inf past vocab_size."""
+    logits = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # (N, Vp)
+    if w.shape[0] > vocab_size:
+        logits = logits + jnp.where(jnp.arange(w.shape[0]) < vocab_size, 0.0, -jnp.inf)  # (Vp,) broadcast
+    return logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str):
+    """Mean cross entropy of the logits x @ wte.T (x (B, T, C), wte (Vp, C)) against targets (B, T).
+
+    The same value as cross_entropy(padded logits), computed LOSS_CHUNK tokens at a time. Its
+    forward pass under autodiff also forms the gradients, chunk by chunk (the loss is the last
+    operation, so its cotangent is a scalar that only scales them): the (B, T, Vp) logits and their
+    gradient are never held whole, and no matmul is recomputed.
+    """
+    return _lm_head_loss(x, wte, targets, vocab_size, dtype, with_grads=False)[0]
+
+
+def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, with_grads: bool):
+    """(mean loss, dx (B, T, C) or None, dwte (Vp, C) or None), LOSS_CHUNK tokens at a time."""
+    B, T, C = x.shape
+    n = B * T
+    w = wte.astype(dtype)  # (Vp, C)
+    x_chunks = _to_blocks(x.reshape(1, n, C).astype(dtype), LOSS_CHUNK)[:, 0]  # (n_chunks, LOSS_CHUNK, C)
+    t_chunks = _to_blocks(targets.reshape(1, n).astype(jnp.int32) + 1, LOSS_CHUNK)[:, 0] - 1  # padding: -1
+
+    def chunk(xt):
+        x_i, t_i = xt  # (N_i, C), (N_i,)
+        logits = _chunk_logits(x_i, w, vocab_size)  # (N_i, Vp) float32
+        lse = jax.nn.logsumexp(logits, axis=-1)  # (N_i,)
+        picked = jnp.take_along_axis(logits, jnp.maximum(t_i, 0)[:, None], axis=-1)[:, 0]  # (N_i,)
+        real = t_i >= 0  # (N_i,) False on the padding
+        loss_sum = jnp.sum(jnp.where(real, lse - picked, 0.0))
+        if not with_grads:
+            return (loss_sum, None), None
+        is_target = jnp.arange(logits.shape[1])[None, :] == t_i[:, None]  # (N_i, Vp)
+        probs = jnp.where(real[:, None], jnp.exp(logits - lse[:, None]), 0.0)  # (N_i, Vp)
+        dlogits = ((probs - is_target) / n).astype(dtype)  # (N_i, Vp)
+        dx_i = jnp.dot(dlogits, w, preferred_element_type=jnp.float32)  # (N_i, C)
+        dw = jax.lax.dot_general(dlogits, x_i, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)  # (Vp, C)
+        return (loss_sum, dw), dx_i
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros(wte.shape, jnp.float32) if with_grads else None)
+    (loss_sum, dw), dx = _sum_and_stack(chunk, (x_chunks, t_chunks), zeros)
+    if not with_grads:
+        return loss_sum / n, None, None
+    dx = _from_blocks(dx[:, None], n)[0].reshape(B, T, C)  # (B, T, C)
+    return loss_sum / n, dx.astype(x.dtype), dw.astype(wte.dtype)
+
+
+def _lm_head_loss_fwd(x, wte, targets, vocab_size, dtype):
+    loss, dx, dw = _lm_head_loss(x, wte, targets, vocab_size, dtype, with_grads=True)
+    return loss, (dx, dw, targets)
+
+
+def _lm_head_loss_bwd(vocab_size, dtype, saved, g):
+    dx, dw, targets = saved
+    return g * dx, g * dw, None
+
+
+lm_head_loss.defvjp(_lm_head_loss_fwd, _lm_head_loss_bwd)
