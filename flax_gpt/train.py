@@ -94,25 +94,24 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.warmup_steps < 0 or cfg.sample_tokens < 0:
         raise UserError("--lr must be positive and --warmup-steps, --sample-tokens non-negative")
-    if cfg.total_batch_size is not None:
-        grad_accum_steps(cfg)  # raises early if the total batch is not a whole number of micro batches
+    grad_accum_steps(cfg)  # raises early if the tokens per step are not a whole number of micro batches
     return cfg
 
 
 def grad_accum_steps(cfg: TrainConfig, process_count: int = 1) -> int:
-    """Micro steps per optimizer step: total_batch_size / (B * T * processes).
+    """Micro steps per optimizer step: tokens per step / (B * T * processes).
 
-    Without --total-batch-size, the preset's accumulation factor is divided among the
-    processes first (gpt2: 8 micro steps on 1 GPU, 1 on 8 GPUs: 524288 tokens either way).
+    Tokens per step are --total-batch-size, else the preset's (gpt2: 524,288): the same whatever
+    --batch-size, --seq-len and the process count are, as in build-nanogpt.
     """
-    if cfg.total_batch_size is None:
-        base = RUN_PRESETS[cfg.preset]
-        return max(1, base.total_batch_size // (base.batch_size * base.seq_len) // process_count)
+    total = cfg.total_batch_size or RUN_PRESETS[cfg.preset].total_batch_size
     per_micro = cfg.batch_size * cfg.seq_len * process_count
-    if cfg.total_batch_size % per_micro:
-        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of batch_size*seq_len*processes "
-                        f"= {per_micro}")
-    return cfg.total_batch_size // per_micro
+    if total % per_micro:
+        source = f"--total-batch-size {total}" if cfg.total_batch_size else f"the {cfg.preset} preset's {total:,} tokens per step"
+        raise UserError(f"{source} is not a multiple of batch_size*seq_len*processes = "
+                        f"{cfg.batch_size}*{cfg.seq_len}*{process_count} = {per_micro:,}; choose sizes that divide it"
+                        + ("" if cfg.total_batch_size else " or pass --total-batch-size"))
+    return total // per_micro
 
 
 def select_device(device: str) -> str:

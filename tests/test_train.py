@@ -149,6 +149,22 @@ def test_bad_input_is_one_error_line_and_exit_2(case, cli, tmp_path, capsys):
     assert not ckpt_steps(tmp_path / "out")
 
 
+def test_accumulation_keeps_the_presets_tokens_per_step_whatever_the_batch_size():
+    from flax_gpt.errors import UserError
+    from flax_gpt.train import TrainConfig, grad_accum_steps, resolve
+
+    def accum(processes=1, **flags):
+        return grad_accum_steps(resolve(TrainConfig(preset="gpt2", **flags)), processes)
+
+    assert accum() == 8  # build-nanogpt: 64 x 1024 x 8 = 524,288 tokens
+    assert accum(batch_size=16) == 32
+    assert accum(batch_size=16, processes=8) == 4
+    assert accum(batch_size=8, seq_len=512, processes=2) == 64
+    assert accum(batch_size=16, total_batch_size=65536) == 4
+    with pytest.raises(UserError, match=r"the gpt2 preset's 524,288 tokens per step is not a multiple of .* 48\*1024\*1 "):
+        accum(batch_size=48)
+
+
 def test_debug_reraises(cli):
     from flax_gpt.errors import UserError
 
