@@ -373,6 +373,11 @@ def run(cfg: TrainConfig) -> dict:
                 break
         if pending is not None:
             record(*pending)
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        bar.close()
+        raise UserError(out_of_memory_message(cfg, dtype, platform, tokens_per_step)) from None
     except Diverged as e:
         bar.close()
         spoiled = ckpt.set_aside([s for s in ckpt.all_steps() if s >= e.first_bad], DIVERGED_SUFFIX)
@@ -396,6 +401,19 @@ def run(cfg: TrainConfig) -> dict:
                    plot=str(out_dir / "loss.png"), metrics=str(out_dir / "metrics.jsonl"),
                    interrupted=interrupted["flag"], is_main=is_main)
     return summary
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """Whether a JAX runtime error is the device (or host) running out of memory."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def out_of_memory_message(cfg: TrainConfig, dtype: str, platform: str, tokens_per_step: int) -> str:
+    """One line: what ran out, and which flags lower the memory a step needs."""
+    return (f"out of memory on {platform} for a micro batch of {cfg.batch_size}x{cfg.seq_len} in {dtype}: lower "
+            f"--batch-size (gradient accumulation keeps {tokens_per_step:,} tokens per step)"
+            + ("" if cfg.remat else " or pass --remat (recomputes activations: about 1/3 more compute)"))
 
 
 def _config_record(config: GPTConfig) -> dict:

@@ -165,6 +165,26 @@ def test_accumulation_keeps_the_presets_tokens_per_step_whatever_the_batch_size(
         accum(batch_size=48)
 
 
+def test_out_of_memory_is_one_line_naming_what_to_lower(cli, tmp_path, monkeypatch, capsys):
+    import jax
+
+    from flax_gpt import train_step
+
+    def step_that_runs_out(*args, **kwargs):
+        def step(state, x, y):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 24.34GiB.")
+        return step
+
+    monkeypatch.setattr(train_step, "make_train_step", step_that_runs_out)
+    capsys.readouterr()
+    assert cli.main([*COMMON, "--max-steps", "6", "--no-progress", "--sample-tokens", "0"]) == 2
+    line = assert_one_error_line(capsys.readouterr().err)
+    for fragment in ("out of memory on cpu", "micro batch of 2x16", "lower --batch-size", "32 tokens per step",
+                     "--remat"):
+        assert fragment in line, (fragment, line)
+    assert not ckpt_steps(tmp_path / "out")
+
+
 def test_debug_reraises(cli):
     from flax_gpt.errors import UserError
 
