@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: train test parity bench lint report clean
+.PHONY: train test parity bench lint report gpu-check clean
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ report: $(VENV)/.full
 
 bench: $(VENV)/.full
 	$(PY) benchmarks/bench_train.py $(ARGS)
+
+# On a CUDA machine: the GPU proof in one go (parity on the GPU, cuDNN vs XLA attention, bench_train, 30 gpt2
+# steps) into gpu_check.json. It installs the cuda extra and your platform's torch into .venv; GPU_PY=python3
+# uses a Python that already has them (a machine without network). `ARGS=--dry` checks it on the CPU.
+GPU_PY ?= $(PY)
+gpu-check:
+ifeq ($(GPU_PY),$(PY))
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch -e ".[cuda,torch,dev]"
+endif
+	$(GPU_PY) benchmarks/gpu_check.py --out gpu_check.json $(ARGS)
 
 lint: $(VENV)/.full
 	$(PY) -m ruff check flax_gpt torch_ref parity_tests tests benchmarks train.py

@@ -60,12 +60,15 @@ def relative(a, b) -> float:
 
 
 def check_cudnn_attention(config, batch, candidate: str = "cudnn") -> dict:
-    """`candidate` (cuDNN) vs XLA attention, bf16: the attention alone (output, q, k, v gradients) and the model's loss."""
+    """`candidate` (cuDNN) vs XLA attention, bf16: the attention alone (output, q, k, v gradients) and the model's
+    training loss and gradients."""
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import nnx
 
     from flax_gpt import GPT
+    from flax_gpt.train_step import loss_fn
 
     B, T = batch[0].shape
     rng = np.random.default_rng(0)
@@ -79,14 +82,16 @@ def check_cudnn_attention(config, batch, candidate: str = "cudnn") -> dict:
 
     (_, y_xla), g_xla = attention_loss("xla")(q, k, v)
     (_, y_cudnn), g_cudnn = attention_loss(candidate)(q, k, v)
-    model_loss = {}
+    model_loss, model_grads = {}, {}
     for name, impl in (("xla", "xla"), ("cudnn", candidate)):
-        model = GPT(config.replace(dtype="bfloat16", attention=impl))  # same seed: same weights
-        model_loss[name] = float(jax.jit(lambda idx, tgt, m=model: m(idx, tgt)[1])(*batch))
+        graphdef, params = nnx.split(GPT(config.replace(dtype="bfloat16", attention=impl)), nnx.Param)  # same weights
+        loss, grads = jax.jit(jax.value_and_grad(lambda p, x, y, g=graphdef: loss_fn(p, g, x, y)))(params, *batch)
+        model_loss[name], model_grads[name] = float(loss), jax.tree.leaves(grads)
     result = {"output_rel": relative(y_cudnn, y_xla),
               "grad_rel": max(relative(a, b) for a, b in zip(g_cudnn, g_xla)),
-              "model_loss_xla": model_loss["xla"], "model_loss_cudnn": model_loss["cudnn"]}
-    result["ok"] = max(result["output_rel"], result["grad_rel"]) <= CUDNN_REL_BOUND and \
+              "model_loss_xla": model_loss["xla"], "model_loss_cudnn": model_loss["cudnn"],
+              "model_grad_rel": max(relative(a, b) for a, b in zip(model_grads["cudnn"], model_grads["xla"]))}
+    result["ok"] = max(result["output_rel"], result["grad_rel"], result["model_grad_rel"]) <= CUDNN_REL_BOUND and \
         abs(model_loss["cudnn"] - model_loss["xla"]) <= CUDNN_REL_BOUND * abs(model_loss["xla"])
     return result
 
