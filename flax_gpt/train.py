@@ -219,7 +219,7 @@ def run(cfg: TrainConfig) -> dict:
     from flax_gpt import sharding as shard
     from flax_gpt.checkpoint import DIVERGED_SUFFIX, Checkpointer, abstract_like
     from flax_gpt.generate import generate
-    from flax_gpt.metrics import MetricsLog, flops_per_token, peak_flops, plot_losses
+    from flax_gpt.metrics import MetricsLog, flops_per_token, mfu, peak_flops, plot_losses
     from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
     from flax_gpt.tokenizer import get_encoding
     from flax_gpt.train_step import init_state, make_eval_step, make_train_step
@@ -285,12 +285,14 @@ def run(cfg: TrainConfig) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state.params)) - config.block_size * config.n_embd
     tokens_per_step = accum * cfg.batch_size * cfg.seq_len * n_proc
     flops_per_step = flops_per_token(config, n_params, cfg.seq_len) * tokens_per_step
-    peak, peak_source = peak_flops(dtype)
+    step_devices = jax.local_devices() if strategy != "none" else jax.local_devices()[:1]  # in each process
+    peak, peak_source = peak_flops(dtype, step_devices, n_proc)
     log = print if is_main else (lambda *a, **k: None)
     log(f"model: {n_params / 1e6:.1f}M params, {config.n_layer} layers, {config.n_embd} wide, dtype {dtype} on "
           f"{platform}; data: {len(tokens.train):,} train / {len(tokens.val):,} val tokens; "
           f"batch {cfg.batch_size}x{cfg.seq_len} x {accum} accum x {n_proc} processes = {tokens_per_step:,} tokens/step; "
           f"{jax.device_count()} devices, sharding {strategy}")
+    log(f"mfu against {peak / 1e12:.3g} TFLOP/s: {peak_source}" if peak else f"note: mfu is not reported: {peak_source}")
 
     def meta_record(step: int) -> dict:
         return {"step": step, "model_config": _config_record(config), "loader": loader.state_dict(),
@@ -331,11 +333,12 @@ def run(cfg: TrainConfig) -> dict:
         if not math.isfinite(m["grad_norm"]):  # the update of this step made the parameters NaN
             raise Diverged(step_done, step_done + 1, f"gradient norm is {m['grad_norm']} at step {step_done}")
         rec = {"step": step_done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-               "ms_per_step": dt * 1e3, "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_step / dt / peak}
+               "ms_per_step": dt * 1e3, "tokens_per_s": tokens_per_step / dt, "mfu": mfu(flops_per_step / dt, peak)}
         metrics_log.write(rec)
         summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else m["loss"]
         summary["last_loss"] = m["loss"]
-        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", mfu=f"{rec['mfu']:.1%}", refresh=False)
+        shown = {"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", **shown, refresh=False)
         bar.update(1)
 
     def eval_and_sample(steps_done: int) -> None:
