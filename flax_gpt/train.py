@@ -170,22 +170,63 @@ def compute_dtype(dtype: str, platform: str) -> str:
 # ----------------------------------------------------------------------------- model init
 
 
-def _model_config(cfg: TrainConfig, dtype: str) -> GPTConfig:
+def _model_config(cfg: TrainConfig, dtype: str, **numerics) -> GPTConfig:
     overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
     try:
-        return model_preset(RUN_PRESETS[cfg.preset].model, dtype=dtype, **overrides)
+        return model_preset(RUN_PRESETS[cfg.preset].model, dtype=dtype, **overrides, **numerics)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def init_model(cfg: TrainConfig, dtype: str):
-    """The starting model: fresh GPT-2 init, HF weights, or the params of a training checkpoint."""
+def init_model(cfg: TrainConfig, dtype: str, **numerics):
+    """The starting model: fresh GPT-2 init, HF weights, or the params of a training checkpoint.
+
+    numerics: GPTConfig fields that leave the parameters alone (remat, scan_layers, matmul_output).
+    """
     from flax_gpt.load import load_model
     from flax_gpt.model import GPT
 
     if cfg.init_from == "scratch":
-        return GPT(_model_config(cfg, dtype), seed=cfg.seed)
-    return load_model(cfg.init_from, dtype)
+        return GPT(_model_config(cfg, dtype, **numerics), seed=cfg.seed)
+    return load_model(cfg.init_from, dtype, **numerics)
+
+
+def init_train_state(cfg: TrainConfig, dtype: str, numerics: dict, tx, mesh=None, strategy: str = "none"):
+    """(model config, graphdef, TrainState, its shardings or None) of the run's starting model.
+
+    Without a mesh the state is built on the default device. With one it is created already sharded: a fresh
+    init runs under jit with the state's shardings as its outputs, and loaded weights wait on the host until each
+    goes to its own shards, so no device ever holds the whole state.
+    """
+    import functools
+
+    import jax
+
+    from flax_gpt.model import GPT
+    from flax_gpt.sharding import state_shardings
+    from flax_gpt.train_step import init_state, shard_state, sharded_init
+
+    if mesh is None:
+        model = init_model(cfg, dtype, **numerics)
+        return (model.config, *init_state(model, tx), None)
+    shardings_of = functools.partial(state_shardings, mesh=mesh, strategy=strategy)
+    if cfg.init_from == "scratch":
+        config = _model_config(cfg, dtype, **numerics)
+        graphdef, init, shardings = sharded_init(lambda: GPT(config, seed=cfg.seed), tx, shardings_of)
+        return config, graphdef, init(), shardings
+    with jax.default_device(_host_device()):
+        model = init_model(cfg, dtype, **numerics)
+    return (model.config, *shard_state(model, tx, shardings_of))
+
+
+def _host_device():
+    """A CPU device of this process (None if JAX runs without its CPU backend)."""
+    import jax
+
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -222,18 +263,13 @@ def run(cfg: TrainConfig) -> dict:
     from flax_gpt.metrics import MetricsLog, flops_per_token, mfu, peak_flops, plot_losses
     from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
     from flax_gpt.tokenizer import get_encoding
-    from flax_gpt.train_step import init_state, make_eval_step, make_train_step
+    from flax_gpt.train_step import make_eval_step, make_train_step
 
     out_dir = Path(cfg.out_dir).expanduser()
     ckpt_root = out_dir / "checkpoints"
     _check_out_dir(out_dir, ckpt_root, cfg.resume)
 
     tokens = data_lib.prepare(data_lib.resolve_source(cfg.data, Path.cwd()))
-    model = init_model(cfg, dtype)
-    model.config = model.config.replace(remat=cfg.remat, scan_layers=cfg.scan_layers)  # read at trace time by GPT.blocks
-    config = model.config
-    if cfg.seq_len > config.block_size:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {config.block_size}")
     n_proc, proc = jax.process_count(), jax.process_index()
     is_main = proc == 0
     accum = grad_accum_steps(cfg, n_proc)
@@ -248,15 +284,15 @@ def run(cfg: TrainConfig) -> dict:
     optim_cfg = OptimConfig(lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, warmup_steps=max(cfg.warmup_steps, 1),
                             max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     tx = make_optimizer(optim_cfg)
-    graphdef, state = init_state(model, tx)
-    del model  # the state owns the parameters from here on
-    state_sh = batch_sh = eval_batch_sh = None
-    if strategy != "none":
-        mesh = shard.make_mesh()
-        state_sh = shard.state_shardings(state, mesh, strategy)
+    mesh = shard.make_mesh() if strategy != "none" else None
+    numerics = {"remat": cfg.remat, "scan_layers": cfg.scan_layers}
+    config, graphdef, state, state_sh = init_train_state(cfg, dtype, numerics, tx, mesh, strategy)
+    if cfg.seq_len > config.block_size:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {config.block_size}")
+    batch_sh = eval_batch_sh = None
+    if mesh is not None:
         batch_sh = shard.batch_sharding(mesh)
         eval_batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard.AXIS, None))
-        state = jax.device_put(jax.device_get(state), state_sh)  # identical on every process (same seed)
 
     def to_device(local, sharding):
         """This process's numpy rows as (its part of) a device array."""
