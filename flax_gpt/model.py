@@ -48,17 +48,29 @@ def _low_precision_matmul_bwd(saved, g):
 low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
-def matmul(x, w, dtype: str):
-    """x @ w in the compute dtype, result in float32; float32 compute is a plain dot."""
+def matmul(x, w, dtype: str, output: str = "float32"):
+    """x @ w in the compute dtype, result in float32; float32 compute is a plain dot.
+
+    output="compute" (GPTConfig.matmul_output): a 16-bit dot returns the compute dtype, cast to float32 after,
+    for backends that do not honour preferred_element_type; autodiff then runs the backward dots in 16 bits too.
+    """
     x, w = x.astype(dtype), w.astype(dtype)
-    return jnp.dot(x, w) if jnp.dtype(dtype) == jnp.float32 else low_precision_matmul(x, w)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.dot(x, w)
+    if output == "compute":
+        return jnp.dot(x, w).astype(jnp.float32)  # (..., N)
+    return low_precision_matmul(x, w)
 
 
 class Linear(nnx.Linear):
     """nnx.Linear (same parameters) whose matmul runs through `matmul`: output in the compute dtype."""
 
+    def __init__(self, *args, matmul_output: str = "float32", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.matmul_output = matmul_output
+
     def __call__(self, x):
-        y = matmul(x, self.kernel[...], self.dtype) + self.bias[...]  # (..., N) float32
+        y = matmul(x, self.kernel[...], self.dtype, self.matmul_output) + self.bias[...]  # (..., N) float32
         return y.astype(self.dtype)
 
 
@@ -66,7 +78,7 @@ def _linear(config: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs
     """A Linear with GPT-2 init: kernel (d_in, d_out) ~ N(0, std), bias zero."""
     return Linear(
         d_in, d_out, dtype=config.dtype, param_dtype=config.param_dtype,
-        kernel_init=nnx.initializers.normal(std), rngs=rngs,
+        kernel_init=nnx.initializers.normal(std), rngs=rngs, matmul_output=config.matmul_output,
     )
 
 
@@ -209,7 +221,7 @@ class GPT(nnx.Module):
         drop out of every softmax exactly.
         """
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
-        logits = matmul(x, self.wte.embedding.T, self.config.dtype)  # (B, T, Vp)
+        logits = matmul(x, self.wte.embedding.T, self.config.dtype, self.config.matmul_output)  # (B, T, Vp)
         if Vp > V:
             logits = logits + jnp.where(jnp.arange(Vp) < V, 0.0, -jnp.inf)  # (Vp,) broadcast
         return logits

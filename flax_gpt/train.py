@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 
+from flax_gpt import devices
 from flax_gpt.config import GPTConfig
 from flax_gpt.config import preset as model_preset
 from flax_gpt.errors import UserError
@@ -113,31 +114,6 @@ def grad_accum_steps(cfg: TrainConfig, process_count: int = 1) -> int:
         raise UserError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of batch_size*seq_len*processes "
                         f"= {per_micro}")
     return cfg.total_batch_size // per_micro
-
-
-def select_device(device: str) -> str:
-    """Point JAX at the requested platform before it starts; returns the platform in use."""
-    import jax
-
-    if device == "cpu":
-        jax.config.update("jax_platforms", "cpu")
-    elif device == "metal":
-        try:
-            import jax_metal  # noqa: F401
-        except ImportError:
-            raise UserError("--device metal needs jax-metal: pip install 'flax-gpt[metal]' (Apple silicon; jax-metal "
-                            "is unmaintained upstream and works only with the jax it pins)") from None
-        jax.config.update("jax_platforms", "METAL")
-    elif device == "cuda":
-        jax.config.update("jax_platforms", "cuda")
-    from flax_gpt.sharding import initialize_distributed
-
-    initialize_distributed()  # before anything asks for devices; a no-op for a single process
-    try:
-        return jax.devices()[0].platform
-    except RuntimeError:
-        raise UserError(f"--device {device}: JAX finds no such device (for cuda: pip install 'flax-gpt[cuda]' "
-                        "on a machine with an NVIDIA driver)") from None
 
 
 def enable_compile_cache() -> None:
@@ -248,7 +224,8 @@ def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns a summary (steps, losses, paths, wall time)."""
     started = time.time()
     cfg = resolve(cfg)
-    platform = select_device(cfg.device)
+    platform = devices.select_device(cfg.device)
+    caps = devices.capabilities(platform)
     dtype = compute_dtype(cfg.dtype, platform)
     enable_compile_cache()
 
@@ -285,7 +262,7 @@ def run(cfg: TrainConfig) -> dict:
                             max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     tx = make_optimizer(optim_cfg)
     mesh = shard.make_mesh() if strategy != "none" else None
-    numerics = {"remat": cfg.remat, "scan_layers": cfg.scan_layers}
+    numerics = {"remat": cfg.remat, "scan_layers": cfg.scan_layers, "matmul_output": caps.matmul_output}
     config, graphdef, state, state_sh = init_train_state(cfg, dtype, numerics, tx, mesh, strategy)
     if cfg.seq_len > config.block_size:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {config.block_size}")
@@ -315,7 +292,7 @@ def run(cfg: TrainConfig) -> dict:
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if cfg.resume else None,
                              enabled=is_main)
 
-    train_step = make_train_step(graphdef, tx, lr_schedule(optim_cfg), state_sh, batch_sh)
+    train_step = make_train_step(graphdef, tx, lr_schedule(optim_cfg), state_sh, batch_sh, donate=caps.donation)
     eval_step = make_eval_step(graphdef, state_sh.params if state_sh else None, eval_batch_sh)
     enc = get_encoding()
     n_params = sum(x.size for x in jax.tree.leaves(state.params)) - config.block_size * config.n_embd
@@ -329,6 +306,8 @@ def run(cfg: TrainConfig) -> dict:
           f"batch {cfg.batch_size}x{cfg.seq_len} x {accum} accum x {n_proc} processes = {tokens_per_step:,} tokens/step; "
           f"{jax.device_count()} devices, sharding {strategy}")
     log(f"mfu against {peak / 1e12:.3g} TFLOP/s: {peak_source}" if peak else f"note: mfu is not reported: {peak_source}")
+    if caps.fallbacks():
+        log(f"{platform} falls back to: {', '.join(caps.fallbacks())}")
 
     def meta_record(step: int) -> dict:
         return {"step": step, "model_config": _config_record(config), "loader": loader.state_dict(),
@@ -439,9 +418,9 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _config_record(config: GPTConfig) -> dict:
-    """The shape-defining fields of a model config (dtype, attention, remat, scan_layers may change between runs)."""
+    """The shape-defining fields of a model config (the numerics-only ones may change between runs)."""
     record = dataclasses.asdict(config)
-    for numerics_only in ("dtype", "attention", "remat", "scan_layers"):
+    for numerics_only in ("dtype", "attention", "remat", "scan_layers", "matmul_output"):
         record.pop(numerics_only)
     return json.loads(json.dumps(record))
 

@@ -67,11 +67,12 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, x, y):
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule=None,
-                    state_sharding=None, batch_sharding=None):
+                    state_sharding=None, batch_sharding=None, donate: bool = True):
     """A jitted step(state, x, y) -> (state, metrics); x, y are (A, B, T): A micro batches accumulated.
 
     The loss and gradients are the mean over all A*B sequences, exactly as one batch A times
-    larger; the state argument is donated, so its buffers are reused for the new state. With
+    larger; the state argument is donated (unless donate=False, for platforms that cannot reuse
+    donated buffers), so its buffers are reused for the new state. With
     shardings (see flax_gpt.sharding) the step is compiled for them explicitly, metrics replicated.
     """
     grad_fn = jax.value_and_grad(loss_fn)
@@ -81,7 +82,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         shardings = dict(in_shardings=(state_sharding, batch_sharding, batch_sharding),
                          out_shardings=(state_sharding, replicated))
 
-    @functools.partial(jax.jit, donate_argnums=(0,), **shardings)
+    @functools.partial(jax.jit, donate_argnums=(0,) if donate else (), **shardings)
     def train_step(state: TrainState, x, y):
         def accumulate(carry, xy):
             loss_sum, grad_sum = carry
