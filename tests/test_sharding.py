@@ -14,10 +14,11 @@ FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
 TRAIN_ARGS = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--max-steps", "8", "--eval-interval", "4",
               "--ckpt-interval", "4", "--eval-batches", "1", "--sample-tokens", "4", "--no-progress"]
 REL = 1e-4  # the issue's bound; measured: 1.8e-7 for dp, fsdp and 2 processes over 8 steps
-PEAK_RATIO = 1.5  # forced CPU devices share the cores: peak over 4 = peak of 1, within this factor (see the tests)
-# two runs measure their peaks apart: measured 0.94-1.06 in 3 runs, and 0.46 in one whose 1-device measurement met
-# another process on the 2 cores; a peak counted per device would give 4
-MFU_RUN_RATIO = 2.5
+# Forced CPU devices share the cores, so the MFU peak over 4 of them is that of 1. Measured ratios: 0.93-1.03 side by
+# side in one process on a quiet machine, 0.65 with a load average of 6 on the 2 cores (the 4 devices' matmuls wait
+# for each other); across two runs 0.94-1.06, and 0.46 when another process met one run's measurement. A peak
+# counted per device would give 4 (or 1/4).
+PEAK_RATIO = 2.5
 
 SHARDED_STEPS = r"""
 import functools, json, jax, jax.numpy as jnp, numpy as np
@@ -124,8 +125,7 @@ def sharded_steps():
 
 def test_the_mfu_peak_of_four_forced_cpu_devices_is_the_machines(sharded_steps):
     """Measured side by side in one process: the matmul split over 4 forced devices runs on the same 2 cores as on
-    1 device, so its peak is that of 1 device (measured ratio of medians 0.93-1.03 in 6 runs; a peak counted per
-    device would be 4x)."""
+    1 device, so its peak is that of 1 device (within PEAK_RATIO: see there)."""
     import statistics
 
     ratio = statistics.median(sharded_steps["peak_all"]) / statistics.median(sharded_steps["peak_one"])
@@ -171,7 +171,7 @@ def test_fsdp_run_on_four_devices_matches_and_resumes_on_one(corpus, single_devi
     assert rel_diff(losses(corpus / "fsdp"), losses(single_device_run)) <= REL
     # mfu per token/s is flops_per_token / peak: on 4 forced devices the same as on 1, within the peak's noise
     ratio = mfu_per_token_rate(corpus / "fsdp") / mfu_per_token_rate(single_device_run)
-    assert 1 / MFU_RUN_RATIO <= ratio <= MFU_RUN_RATIO, ratio
+    assert 1 / PEAK_RATIO <= ratio <= PEAK_RATIO, ratio
     # restore the 4-way sharded step-4 checkpoint onto 1 device and redo steps 4..7
     for newer in (corpus / "fsdp" / "checkpoints").iterdir():
         if newer.name == "8":
