@@ -443,7 +443,7 @@ def _check_out_dir(out_dir: Path, ckpt_root: Path, resume: bool) -> None:
                         "or --out-dir to start a new run elsewhere")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
+        probe = out_dir / f".write_test.{os.getpid()}"  # one per process: processes of one run share out_dir
         probe.write_text("")
         probe.unlink()
     except OSError as e:
