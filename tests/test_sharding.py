@@ -32,21 +32,22 @@ cfg, opt = preset("tiny", n_embd=64, vocab_size=1000), OptimConfig(lr=3e-3, warm
 tx, mesh = make_optimizer(opt), shard.make_mesh()
 batches = np.repeat(np.random.default_rng(0).integers(0, 1000, (1, 2, 1, 8, 16)).astype(np.int32), 8, axis=0)  # step, x/y, A, B, T: one batch, overfit
 out = {"devices": jax.device_count()}
-eager = init_state(GPT(cfg), tx)[1]
 for strategy in ("none", "dp", "fsdp"):
     st_sh = bt_sh = None
     if strategy == "none":  # train.py's --sharding none: eager init on one device
         graphdef, state = init_state(GPT(cfg), tx)
+        eager = jax.tree.map(np.asarray, state)
     else:  # train.py's dp / fsdp init: created in its shards
         graphdef, init, st_sh = sharded_init(lambda: GPT(cfg), tx,
                                              functools.partial(shard.state_shardings, mesh=mesh, strategy=strategy))
+        init = init.lower().compile()  # the program init() runs
         with jax.transfer_guard("disallow_explicit"):  # no copy between host and devices or between devices
             state = init()
         bt_sh = shard.batch_sharding(mesh)
-        out[strategy + "_init_vs_eager_max_abs"] = max(float(jnp.max(jnp.abs(a - b)))
+        out[strategy + "_init_vs_eager_max_abs"] = max(float(np.max(np.abs(np.asarray(a) - b)))
                                                        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(eager)))
     if strategy == "fsdp":
-        memory = init.lower().compile().memory_analysis()  # per device: the init program's outputs and temporaries
+        memory = init.memory_analysis()  # per device: the init program's outputs and temporaries
         out["fsdp_init_program_bytes"] = memory.output_size_in_bytes + memory.temp_size_in_bytes
         out["state_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state))
         out["bytes_per_device"] = [sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards
