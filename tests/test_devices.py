@@ -16,7 +16,6 @@ from flax_gpt.train import TrainConfig, run
 from train_runs import corpus_text
 
 ROOT = Path(__file__).resolve().parents[1]
-BF16_REL = 2e-2  # the bf16 parity bound (parity_tests/checks.py)
 
 # macOS 14 on Apple silicon, as the markers see it (packaging's names)
 MAC = {**default_environment(), "sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64",
@@ -81,15 +80,11 @@ def test_device_metal_without_the_plugin_names_jax_mps(monkeypatch):
         devices.select_device("metal")
 
 
-def losses_of(out_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
-
-
-def test_a_run_on_jax_mps_takes_its_fallbacks_and_trains_alike(tmp_path, monkeypatch, capsys):
-    """train.run with JAX's platform reported as mps (the CPU computes): no donation, bf16-out matmuls, and the
-    losses of a bf16 run on the CPU's own path within the bf16 bound (measured: 1.5e-5), not bit-equal."""
-    from flax_gpt import generate, train_step
+def test_a_run_on_jax_mps_takes_its_fallbacks(tmp_path, monkeypatch, capsys):
+    """train.run with JAX's platform reported as mps (the CPU computes): the train step does not donate, the
+    samples' decode steps do not donate the cache, matmuls return bf16; it trains. (The fallbacks' numbers against
+    the normal path: parity_tests' matmul fallback check and test_train_step's step without donation.)"""
+    from flax_gpt import generate, train, train_step
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FLAX_GPT_CACHE", str(tmp_path / "cache"))
@@ -98,16 +93,19 @@ def test_a_run_on_jax_mps_takes_its_fallbacks_and_trains_alike(tmp_path, monkeyp
     make_train_step = train_step.make_train_step
     monkeypatch.setattr(train_step, "make_train_step",
                         lambda *a, **k: donated.append(k.get("donate", True)) or make_train_step(*a, **k))
-    flags = dict(preset="tiny", data="corpus.txt", batch_size=2, seq_len=16, max_steps=3, eval_interval=3,
-                 eval_batches=1, progress=False)
-    run(TrainConfig(**flags, out_dir="cpu", dtype="bf16", sample_tokens=0))  # sampling leaves the losses alone
+    configs = []
+    init_train_state = train.init_train_state
+    monkeypatch.setattr(train, "init_train_state",
+                        lambda *a, **k: (lambda r: configs.append(r[0]) or r)(init_train_state(*a, **k)))
     monkeypatch.setattr(devices, "current_platform", lambda: "mps")
-    run(TrainConfig(**flags, out_dir="mps", sample_tokens=4))  # dtype auto: bf16 off the CPU
+    copying_steps = generate._step_jit_copying._cache_size()
+    run(TrainConfig(preset="tiny", data="corpus.txt", batch_size=2, seq_len=16, max_steps=3, eval_interval=3,
+                    eval_batches=1, sample_tokens=4, progress=False, out_dir="mps"))  # dtype auto: bf16 off the CPU
     out = capsys.readouterr().out
     assert "dtype bfloat16 on mps" in out
     assert "mps falls back to: no buffer donation, bf16 matmuls return bf16, cast to float32" in out
-    assert donated == [True, False]
-    assert generate._step_jit_copying._cache_size() == 1  # the samples' decode steps did not donate the cache
-    cpu, mps = losses_of(tmp_path / "cpu"), losses_of(tmp_path / "mps")
-    worst = max(abs(a - b) / abs(b) for a, b in zip(mps, cpu))
-    assert len(cpu) == len(mps) == 3 and 0 < worst <= BF16_REL, (worst, cpu, mps)
+    assert donated == [False] and [c.matmul_output for c in configs] == ["compute"]
+    assert generate._step_jit_copying._cache_size() == copying_steps + 1  # compiled for the samples, and used
+    records = [json.loads(line) for line in (tmp_path / "mps" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses  # measured: 10.8406 -> 10.7363
