@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: train test parity bench lint report gpu-check clean
+.PHONY: train test parity bench lint report gpu-check clean metal-resolve
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,13 @@ train: $(VENV)/.core
 	$(PY) train.py $(ARGS)
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
-test: $(VENV)/.full
+test: $(VENV)/.full metal-resolve
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# The metal extra resolved for macOS 14 on Apple silicon (uv, from PyPI): fails without jax-mps and a jax it takes.
+metal-resolve: $(VENV)/.full
+	$(PY) tests/check_metal_resolution.py
 
 parity: $(VENV)/.full
 	$(PY) -m pytest -q -p no:cacheprovider parity_tests

@@ -184,7 +184,7 @@ def main():
     import torch
 
     from flax_gpt import preset
-    from flax_gpt.metrics import flops_per_token, measured_matmul_peak, peak_flops
+    from flax_gpt.metrics import flops_per_token, measured_matmul_peak, mfu, peak_flops
     from flax_gpt.optim import OptimConfig
 
     torch.set_num_threads(args.threads)
@@ -203,8 +203,8 @@ def main():
     batch = tuple(rng.integers(0, config.vocab_size, (args.batch_size, args.seq_len), dtype=np.int32) for _ in range(2))
     opt_cfg = OptimConfig(lr=6e-4, warmup_steps=10, max_steps=1000)
     tokens = args.batch_size * args.seq_len
-    peaks = {"fp32": measured_matmul_peak("float32"), "bf16": measured_matmul_peak("bfloat16")}
-    datasheet_peak, peak_source = peak_flops("bfloat16") if on_gpu else (None, None)
+    peaks = {"fp32": measured_matmul_peak("float32"), "bf16": measured_matmul_peak("bfloat16")}  # the step's device
+    datasheet_peak, peak_source = peak_flops("bfloat16", jax.devices()[:1]) if on_gpu else (None, None)
 
     from flax_gpt import GPT
 
@@ -236,16 +236,17 @@ def main():
     for variant, r in results.items():
         dtype = variant.split("-")[-1]
         median = statistics.median(times[variant])
-        r |= {"median_ms": median * 1e3, "tok_s": tokens / median, "mfu_vs_measured_peak": flops / median / peaks[dtype]}
-        if datasheet_peak:
-            r["mfu_vs_datasheet_peak"] = flops / median / datasheet_peak
+        r |= {"median_ms": median * 1e3, "tok_s": tokens / median, "mfu_vs_measured_peak": mfu(flops / median, peaks[dtype])}
+        if on_gpu:
+            r["mfu_vs_datasheet_peak"] = mfu(flops / median, datasheet_peak)
         host = getattr(steps[variant], "host_s", None)
         if host:
             r["host_overhead"] = statistics.median(host[-args.steps:]) / median
         print(f"{variant:20s} {median * 1e3:9.1f} ms/step {tokens / median:9.0f} tok/s", flush=True)
 
-    where = (f"{jax.devices()[0].device_kind}, MFU also against {peak_source} {datasheet_peak / 1e12:.0f} TFLOP/s"
-             if on_gpu else f"{args.threads} threads, {platform.machine()} {os.cpu_count()} cores, malloc {malloc}")
+    datasheet = f"MFU also against {peak_source} {datasheet_peak / 1e12:.0f} TFLOP/s" if datasheet_peak else peak_source
+    where = (f"{jax.devices()[0].device_kind}, {datasheet}" if on_gpu
+             else f"{args.threads} threads, {platform.machine()} {os.cpu_count()} cores, malloc {malloc}")
     header = (f"preset {args.preset}, B={args.batch_size}, T={args.seq_len}, {where}; jax {jax.__version__}, torch {torch.__version__}; "
               f"measured matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print("\n" + header + "\n")
@@ -254,7 +255,8 @@ def main():
     print("| --- | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * (2 if on_gpu else 1))
     for name, r in results.items():
         host = f"{r['host_overhead']:.2%}" if "host_overhead" in r else "-"
-        gpu = f" {r['mfu_vs_datasheet_peak']:.1%} | {r['peak_device_mb']:.0f} |" if on_gpu else ""
+        datasheet_mfu = f"{r['mfu_vs_datasheet_peak']:.1%}" if datasheet_peak else "-"
+        gpu = f" {datasheet_mfu} | {r['peak_device_mb']:.0f} |" if on_gpu else ""
         print(f"| {name} | {r['median_ms']:.0f} | {r['tok_s']:.0f} | {r['first_step_s']:.1f} | "
               f"{r['mfu_vs_measured_peak']:.1%} |{gpu} {host} | {r['peak_rss_mb']:.0f} |")
     summary = {"header": header, "device": device, "variants": results} | extra

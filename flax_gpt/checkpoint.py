@@ -92,10 +92,11 @@ class Checkpointer:
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Only the parameters of a step (default: the newest readable), for fine-tuning or sampling."""
         def read(s: int) -> Any:
-            abstract = {"params": abstract_params}
-            restore_args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract, strict=False))
+            abstract = {"params": abstract_params}  # with shardings: where the arrays go
             try:
-                restored = self._manager.restore(s, args=restore_args)
+                only_params = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                    abstract), partial_restore=True)
+                restored = self._manager.restore(s, args=ocp.args.Composite(state=only_params))
             except Exception:  # older orbax: no partial restore; read everything, keep params
                 restored = self._manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
             params = restored["state"]["params"]  # plain nested dicts, same leaf order as abstract_params

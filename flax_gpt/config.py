@@ -21,6 +21,9 @@ class GPTConfig:
     dtype: DType = "float32"  # compute dtype of matmuls and activations
     param_dtype: DType = "float32"  # storage dtype of parameters
     attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+    # 16-bit matmuls: "float32" accumulates and returns float32 (preferred_element_type); "compute" returns the
+    # compute dtype, cast to float32 after (for backends that ignore preferred_element_type, e.g. jax-mps)
+    matmul_output: Literal["float32", "compute"] = "float32"
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
     scan_layers: bool = False  # run the blocks as a rolled loop: compile time flat in depth, slower steps
 
@@ -38,6 +41,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
         if self.attention not in ("xla", "cudnn"):
             raise ValueError(f"GPTConfig.attention must be 'xla' or 'cudnn', got {self.attention!r}")
+        if self.matmul_output not in ("float32", "compute"):
+            raise ValueError(f"GPTConfig.matmul_output must be 'float32' or 'compute', got {self.matmul_output!r}")
 
     @property
     def padded_vocab_size(self) -> int:

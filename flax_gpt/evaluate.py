@@ -281,13 +281,13 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.hellaswag is not None:
         examples = read_hellaswag(cfg.hellaswag)
 
-    import jax
-
+    from flax_gpt import devices
     from flax_gpt.load import load_model
     from flax_gpt.train import compute_dtype
 
-    dtype = compute_dtype(cfg.dtype, jax.devices()[0].platform)
-    model = load_model(cfg.init_from, dtype)
+    platform = devices.current_platform()
+    dtype = compute_dtype(cfg.dtype, platform)
+    model = load_model(cfg.init_from, dtype, matmul_output=devices.capabilities(platform).matmul_output)
     c = model.config
     results = {"init_from": cfg.init_from, "dtype": dtype,
                "model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_gpt import devices
 from flax_gpt.errors import UserError
 from flax_gpt.model import GPT
 
@@ -69,6 +70,7 @@ def _step(graphdef, params, token, cache, pos, key, i, temperature: float, top_k
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cache_len", *SAMPLING))
 _step_jit = jax.jit(_step, static_argnames=("graphdef", *SAMPLING), donate_argnames=("cache",))
+_step_jit_copying = jax.jit(_step, static_argnames=("graphdef", *SAMPLING))  # platforms that cannot donate
 
 
 def _check_and_pad(model: GPT, idx, max_new_tokens: int, temperature, top_k, top_p):
@@ -108,12 +110,13 @@ def stream(model: GPT, idx, max_new_tokens: int, *, temperature: float = 1.0,
     """Yield the new tokens (B,) one step at a time; the same tokens generate() returns."""
     prompt, T0 = _check_and_pad(model, idx, max_new_tokens, temperature, top_k, top_p)
     graphdef, params = nnx.split(model)
+    step = _step_jit if devices.capabilities(devices.current_platform()).donation else _step_jit_copying
     sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
     key = jax.random.key(seed)
     token, cache = _prefill_jit(graphdef, params, prompt, jnp.int32(T0), key, prompt.shape[1] + max_new_tokens, **sampling)
     for i in range(1, max_new_tokens):
         yield np.asarray(token)
-        token, cache = _step_jit(graphdef, params, token, cache, jnp.int32(T0 + i - 1), key, i, **sampling)
+        token, cache = step(graphdef, params, token, cache, jnp.int32(T0 + i - 1), key, i, **sampling)
     yield np.asarray(token)
 
 
@@ -159,13 +162,13 @@ def main(argv=None) -> int:
 
     cfg = tyro.cli(GenerateConfig, args=argv, description=__doc__)
     try:
-        import jax
+        from flax_gpt.train import compute_dtype
 
-        platform = jax.devices()[0].platform
-        dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(cfg.dtype, "float32" if platform == "cpu" else "bfloat16")
+        platform = devices.current_platform()
+        dtype = compute_dtype(cfg.dtype, platform)
         if cfg.num_samples < 1:
             raise UserError(f"--num-samples must be at least 1, got {cfg.num_samples}")
-        model = load_model(cfg.init_from, dtype=dtype)
+        model = load_model(cfg.init_from, dtype=dtype, matmul_output=devices.capabilities(platform).matmul_output)
         enc = get_encoding()
         prompt_ids = enc.encode(cfg.prompt, allowed_special={"<|endoftext|>"})
         if model.config.vocab_size < enc.n_vocab:

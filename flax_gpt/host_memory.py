@@ -10,7 +10,7 @@ import sys
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt parameters, glibc's malloc.h
 OPT_OUT = "FLAX_GPT_DEFAULT_MALLOC"  # set to 1 to leave malloc as it is
-ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "libtpu", "jax-metal")
+ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin", "libtpu", "jax-mps")
 
 
 def jax_runs_on_cpu(device: str) -> bool:

@@ -21,25 +21,26 @@ class RunCheckpointError(UserError):
     """A training checkpoint directory that cannot be read."""
 
 
-def load_model(init_from: str | Path, dtype: str | None = None) -> GPT:
+def load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> GPT:
     """The GPT at init_from, computing in dtype (float32/fp32, bfloat16/bf16; None keeps the default).
 
     A directory holding numbered step directories (or a `checkpoints/` folder of them) is a
     training run: its latest step's parameters are loaded. Any other directory must be an HF
     GPT-2 directory; anything else is tried as an HF hub id (online or from the HF cache).
+    numerics: GPTConfig fields that do not change the parameters (remat, matmul_output, ...).
     """
     if dtype is not None and dtype not in _DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    dtype = _DTYPES.get(dtype)
+    numerics = {**numerics, **({"dtype": _DTYPES[dtype]} if dtype else {})}
     path = Path(init_from).expanduser()
     if path.is_dir():
         ckpt_dir = _checkpoint_dir(path)
         if ckpt_dir is not None:
-            return load_checkpoint_model(ckpt_dir, dtype)
+            return load_checkpoint_model(ckpt_dir, **numerics)
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is neither a training run (an out dir with checkpoints/<step>/, or that "
                             "checkpoints dir) nor an HF GPT-2 directory (config.json + model.safetensors)")
-    return GPT.from_pretrained(str(init_from), **({"dtype": dtype} if dtype else {}))
+    return GPT.from_pretrained(str(init_from), **numerics)
 
 
 def _checkpoint_dir(path: Path) -> Path | None:
@@ -50,11 +51,13 @@ def _checkpoint_dir(path: Path) -> Path | None:
     return None
 
 
-def load_checkpoint_model(ckpt_dir: Path, dtype: str | None = None) -> GPT:
-    """A GPT holding the latest parameters saved under ckpt_dir (an orbax checkpoints directory)."""
+def load_checkpoint_model(ckpt_dir: Path, **numerics) -> GPT:
+    """A GPT holding the latest parameters saved under ckpt_dir (an orbax checkpoints directory); numerics as in
+    load_model, with dtype in GPTConfig's spelling."""
+    import jax
     from flax import nnx
 
-    from flax_gpt.checkpoint import Checkpointer, abstract_like
+    from flax_gpt.checkpoint import Checkpointer
 
     try:
         with _quiet_absl():  # orbax warns that a read-only manager will not save
@@ -67,12 +70,13 @@ def load_checkpoint_model(ckpt_dir: Path, dtype: str | None = None) -> GPT:
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise RunCheckpointError(f"{ckpt_dir}: the checkpoint's meta has no model_config; not a flax_gpt training run")
     try:
-        config = GPTConfig(**{**meta["model_config"], **({"dtype": dtype} if dtype else {})})
+        config = GPTConfig(**{**meta["model_config"], **numerics})
     except (TypeError, ValueError) as e:
         raise RunCheckpointError(f"{ckpt_dir}: bad model_config in the checkpoint's meta ({_first_line(e)})") from e
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config)), nnx.Param)
+    on = jax.sharding.SingleDeviceSharding(_default_device())  # orbax itself ignores jax.default_device
     try:
-        params = ckpt.restore_params(abstract_like(abstract))
+        params = ckpt.restore_params(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on), abstract))
     except UserError:  # no step of the run is readable: the Checkpointer's message says so
         raise
     except Exception as e:
@@ -81,6 +85,14 @@ def load_checkpoint_model(ckpt_dir: Path, dtype: str | None = None) -> GPT:
     finally:
         ckpt.close()
     return nnx.merge(graphdef, params)
+
+
+def _default_device():
+    """Where new arrays go: the device of an enclosing jax.default_device, else the first device."""
+    import jax
+
+    device = jax.config.jax_default_device
+    return jax.devices(device)[0] if isinstance(device, str) else device or jax.devices()[0]
 
 
 @contextlib.contextmanager

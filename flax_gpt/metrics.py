@@ -14,9 +14,27 @@ import numpy as np
 
 from flax_gpt.config import GPTConfig
 
-# Dense bf16 datasheet peaks (FLOP/s) by device-kind substring; fp32 without TF32 is far lower.
-GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                 "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+# Dense bf16 datasheet peaks (FLOP/s, no sparsity, float32 accumulation) by the exact `device_kind` JAX reports,
+# which is the CUDA device name (what nvidia-smi shows). A kind not listed gets no MFU: a near name can be another
+# chip (an L40 is not an L4). V100 and T4 are absent on purpose: they have no bf16 tensor cores. As in nanoGPT's
+# estimate_mfu, MFU on a GPU is against this peak whatever the compute dtype.
+GPU_PEAK_BF16 = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # H200 SXM (an H200 NVL, 835e12, may report the same name)
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L40": 181e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA GeForce RTX 4090": 165e12,
+    "NVIDIA GeForce RTX 3090": 71e12,
+}
 
 
 def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
@@ -25,29 +43,52 @@ def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
     return 6 * n_params + 12 * L * H * Q * T
 
 
-def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted n x n matmul, done as the model does it in `dtype`: the CPU's practical peak."""
+def measured_matmul_peak(dtype: str = "float32", devices=None, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted n x n matmul split by rows over `devices` (default: the first), done as the model does
+    it in `dtype`: the practical peak of those devices together (forced CPU devices share the same cores)."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from flax_gpt.model import matmul as model_matmul  # bf16: bf16 x bf16 -> f32, the fast kernels
 
-    a = jnp.ones((n, n), dtype)
-    matmul = jax.jit(lambda x: model_matmul(x, x, dtype))
-    matmul(a).block_until_ready()
+    devices = list(devices or jax.devices()[:1])
+    rows = n // len(devices) * len(devices)
+    mesh = Mesh(np.array(devices), ("rows",))
+    a = jax.device_put(jnp.ones((rows, n), dtype), NamedSharding(mesh, P("rows", None)))  # (rows, n) split
+    b = jax.device_put(jnp.ones((n, n), dtype), NamedSharding(mesh, P()))  # (n, n) on every device
+    matmul = jax.jit(lambda x, w: model_matmul(x, w, dtype))
+    matmul(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        matmul(a).block_until_ready()
+        matmul(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * rows * n * n / best
 
 
-def peak_flops(dtype: str) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
-    device = jax.devices()[0]
-    if device.platform == "gpu":
-        for name, peak in GPU_PEAK_BF16.items():
-            if name in device.device_kind:
-                return peak, f"{name} datasheet bf16"
-    return measured_matmul_peak(dtype), f"measured {dtype} matmul on {device.platform}"
+def peak_flops(dtype: str, devices, processes: int = 1) -> tuple[float | None, str]:
+    """(peak FLOP/s of all the devices a step runs on, where the figure comes from); None where it is unknown.
+
+    devices: this process's devices that run the step; every one of `processes` processes runs as many. On CPU
+    the peak is measured over those devices together; on GPUs it is the datasheet bf16 peak of each, summed.
+    """
+    devices = list(devices)
+    platform = devices[0].platform
+    if platform == "cpu":
+        peak = measured_matmul_peak(dtype, devices) * processes
+        each = f" in each of {processes} processes" if processes > 1 else ""
+        return peak, f"measured {dtype} matmul over {len(devices)} cpu devices{each}"
+    kinds = sorted({d.device_kind for d in devices})
+    unknown = [k for k in kinds if k not in GPU_PEAK_BF16] if platform == "gpu" else kinds
+    if unknown:
+        return None, f"no datasheet peak for {platform} device kind {unknown[0]!r} (flax_gpt/metrics.py GPU_PEAK_BF16)"
+    total = sum(GPU_PEAK_BF16[d.device_kind] for d in devices) * processes
+    return total, f"{len(devices) * processes} x {' / '.join(kinds)} datasheet bf16"
+
+
+def mfu(flops_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilization: achieved FLOP/s over the peak of the devices that ran them; None without a peak."""
+    return None if peak is None else flops_per_s / peak
 
 
 class MetricsLog:

@@ -50,17 +50,29 @@ def _low_precision_matmul_bwd(saved, g):
 low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
-def matmul(x, w, dtype: str):
-    """x @ w in the compute dtype, result in float32; float32 compute is a plain dot."""
+def matmul(x, w, dtype: str, output: str = "float32"):
+    """x @ w in the compute dtype, result in float32; float32 compute is a plain dot.
+
+    output="compute" (GPTConfig.matmul_output): a 16-bit dot returns the compute dtype, cast to float32 after,
+    for backends that do not honour preferred_element_type; autodiff then runs the backward dots in 16 bits too.
+    """
     x = x.astype(dtype)
-    return jnp.dot(x, w.astype(dtype)) if jnp.dtype(dtype) == jnp.float32 else low_precision_matmul(x, w)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.dot(x, w.astype(dtype))
+    if output == "compute":
+        return jnp.dot(x, w.astype(dtype)).astype(jnp.float32)  # (..., N)
+    return low_precision_matmul(x, w)
 
 
 class Linear(nnx.Linear):
     """nnx.Linear (same parameters) whose matmul runs through `matmul`: output in the compute dtype."""
 
+    def __init__(self, *args, matmul_output: str = "float32", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.matmul_output = matmul_output
+
     def __call__(self, x):
-        y = matmul(x, self.kernel[...], self.dtype) + self.bias[...]  # (..., N) float32
+        y = matmul(x, self.kernel[...], self.dtype, self.matmul_output) + self.bias[...]  # (..., N) float32
         return y.astype(self.dtype)
 
 
@@ -68,7 +80,7 @@ def _linear(config: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs
     """A Linear with GPT-2 init: kernel (d_in, d_out) ~ N(0, std), bias zero."""
     return Linear(
         d_in, d_out, dtype=config.dtype, param_dtype=config.param_dtype,
-        kernel_init=nnx.initializers.normal(std), rngs=rngs,
+        kernel_init=nnx.initializers.normal(std), rngs=rngs, matmul_output=config.matmul_output,
     )
 
 
@@ -172,7 +184,8 @@ class GPT(nnx.Module):
     def loss(self, idx, targets):
         """Mean cross entropy of idx (B, T) against targets (B, T) without materializing the logits."""
         x, _ = self.trunk(idx)  # (B, T, C)
-        return lm_head_loss(x, self.wte.embedding[...], targets, self.config.vocab_size, self.config.dtype)
+        c = self.config
+        return lm_head_loss(x, self.wte.embedding[...], targets, c.vocab_size, c.dtype, c.matmul_output)
 
     def decode(self, idx, kv_cache, pos):
         """Logits (B, T, V) of idx (B, T) at positions pos..pos+T-1, reading and extending kv_cache."""
@@ -226,7 +239,7 @@ class GPT(nnx.Module):
         drop out of every softmax exactly.
         """
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
-        logits = matmul(x, self.wte.embedding.T, self.config.dtype)  # (B, T, Vp)
+        logits = matmul(x, self.wte.embedding.T, self.config.dtype, self.config.matmul_output)  # (B, T, Vp)
         if Vp > V:
             logits = logits + jnp.where(jnp.arange(Vp) < V, 0.0, -jnp.inf)  # (Vp,) broadcast
         return logits

@@ -171,16 +171,24 @@ _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 # ----------------------------------------------------------------------------- lm_head + loss
 
 
-def _chunk_logits(x, w, vocab_size: int):
+def _dot(a, b, contract: tuple[int, int], matmul_output: str):
+    """a . b over one axis each, float32 out: accumulated in float32, or (matmul_output "compute") cast after."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    if matmul_output == "compute":
+        return jax.lax.dot_general(a, b, dims).astype(jnp.float32)
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _chunk_logits(x, w, vocab_size: int, matmul_output: str):
     """Logits (N, Vp) float32 of x (N, C) against w (Vp, C), both in the compute dtype; -inf past vocab_size."""
-    logits = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # (N, Vp)
+    logits = _dot(x, w, (1, 1), matmul_output)  # (N, Vp)
     if w.shape[0] > vocab_size:
         logits = logits + jnp.where(jnp.arange(w.shape[0]) < vocab_size, 0.0, -jnp.inf)  # (Vp,) broadcast
     return logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
     """Mean cross entropy of the logits x @ wte.T (x (B, T, C), wte (Vp, C)) against targets (B, T).
 
     The same value as cross_entropy(padded logits), computed LOSS_CHUNK tokens at a time. Its
@@ -188,10 +196,10 @@ def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str):
     operation, so its cotangent is a scalar that only scales them): the (B, T, Vp) logits and their
     gradient are never held whole, and no matmul is recomputed.
     """
-    return _lm_head_loss(x, wte, targets, vocab_size, dtype, with_grads=False)[0]
+    return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_grads=False)[0]
 
 
-def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, with_grads: bool):
+def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str, with_grads: bool):
     """(mean loss, dx (B, T, C) or None, dwte (Vp, C) or None), LOSS_CHUNK tokens at a time."""
     B, T, C = x.shape
     n = B * T
@@ -201,7 +209,7 @@ def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, with_grads: bool
 
     def chunk(xt):
         x_i, t_i = xt  # (N_i, C), (N_i,)
-        logits = _chunk_logits(x_i, w, vocab_size)  # (N_i, Vp) float32
+        logits = _chunk_logits(x_i, w, vocab_size, matmul_output)  # (N_i, Vp) float32
         lse = jax.nn.logsumexp(logits, axis=-1)  # (N_i,)
         picked = jnp.take_along_axis(logits, jnp.maximum(t_i, 0)[:, None], axis=-1)[:, 0]  # (N_i,)
         real = t_i >= 0  # (N_i,) False on the padding
@@ -211,8 +219,8 @@ def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, with_grads: bool
         is_target = jnp.arange(logits.shape[1])[None, :] == t_i[:, None]  # (N_i, Vp)
         probs = jnp.where(real[:, None], jnp.exp(logits - lse[:, None]), 0.0)  # (N_i, Vp)
         dlogits = ((probs - is_target) / n).astype(dtype)  # (N_i, Vp)
-        dx_i = jnp.dot(dlogits, w, preferred_element_type=jnp.float32)  # (N_i, C)
-        dw = jax.lax.dot_general(dlogits, x_i, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)  # (Vp, C)
+        dx_i = _dot(dlogits, w, (1, 0), matmul_output)  # (N_i, C)
+        dw = _dot(dlogits, x_i, (0, 0), matmul_output)  # (Vp, C)
         return (loss_sum, dw), dx_i
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros(wte.shape, jnp.float32) if with_grads else None)
@@ -223,12 +231,12 @@ def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, with_grads: bool
     return loss_sum / n, dx.astype(x.dtype), dw.astype(wte.dtype)
 
 
-def _lm_head_loss_fwd(x, wte, targets, vocab_size, dtype):
-    loss, dx, dw = _lm_head_loss(x, wte, targets, vocab_size, dtype, with_grads=True)
+def _lm_head_loss_fwd(x, wte, targets, vocab_size, dtype, matmul_output):
+    loss, dx, dw = _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_grads=True)
     return loss, (dx, dw, targets)
 
 
-def _lm_head_loss_bwd(vocab_size, dtype, saved, g):
+def _lm_head_loss_bwd(vocab_size, dtype, matmul_output, saved, g):
     dx, dw, targets = saved
     return g * dx, g * dw, None
 

@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 
+from flax_gpt import devices
 from flax_gpt.config import GPTConfig
 from flax_gpt.config import preset as model_preset
 from flax_gpt.errors import UserError
@@ -114,31 +115,6 @@ def grad_accum_steps(cfg: TrainConfig, process_count: int = 1) -> int:
     return total // per_micro
 
 
-def select_device(device: str) -> str:
-    """Point JAX at the requested platform before it starts; returns the platform in use."""
-    import jax
-
-    if device == "cpu":
-        jax.config.update("jax_platforms", "cpu")
-    elif device == "metal":
-        try:
-            import jax_metal  # noqa: F401
-        except ImportError:
-            raise UserError("--device metal needs jax-metal: pip install 'flax-gpt[metal]' (Apple silicon; jax-metal "
-                            "is unmaintained upstream and works only with the jax it pins)") from None
-        jax.config.update("jax_platforms", "METAL")
-    elif device == "cuda":
-        jax.config.update("jax_platforms", "cuda")
-    from flax_gpt.sharding import initialize_distributed
-
-    initialize_distributed()  # before anything asks for devices; a no-op for a single process
-    try:
-        return jax.devices()[0].platform
-    except RuntimeError:
-        raise UserError(f"--device {device}: JAX finds no such device (for cuda: pip install 'flax-gpt[cuda]' "
-                        "on a machine with an NVIDIA driver)") from None
-
-
 def enable_compile_cache() -> None:
     """Keep compiled steps under $FLAX_GPT_CACHE/xla, so a rerun skips compiling (gpt2 fp32: 4.7 -> 0.3 s).
 
@@ -169,22 +145,63 @@ def compute_dtype(dtype: str, platform: str) -> str:
 # ----------------------------------------------------------------------------- model init
 
 
-def _model_config(cfg: TrainConfig, dtype: str) -> GPTConfig:
+def _model_config(cfg: TrainConfig, dtype: str, **numerics) -> GPTConfig:
     overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
     try:
-        return model_preset(RUN_PRESETS[cfg.preset].model, dtype=dtype, **overrides)
+        return model_preset(RUN_PRESETS[cfg.preset].model, dtype=dtype, **overrides, **numerics)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def init_model(cfg: TrainConfig, dtype: str):
-    """The starting model: fresh GPT-2 init, HF weights, or the params of a training checkpoint."""
+def init_model(cfg: TrainConfig, dtype: str, **numerics):
+    """The starting model: fresh GPT-2 init, HF weights, or the params of a training checkpoint.
+
+    numerics: GPTConfig fields that leave the parameters alone (remat, scan_layers, matmul_output).
+    """
     from flax_gpt.load import load_model
     from flax_gpt.model import GPT
 
     if cfg.init_from == "scratch":
-        return GPT(_model_config(cfg, dtype), seed=cfg.seed)
-    return load_model(cfg.init_from, dtype)
+        return GPT(_model_config(cfg, dtype, **numerics), seed=cfg.seed)
+    return load_model(cfg.init_from, dtype, **numerics)
+
+
+def init_train_state(cfg: TrainConfig, dtype: str, numerics: dict, tx, mesh=None, strategy: str = "none"):
+    """(model config, graphdef, TrainState, its shardings or None) of the run's starting model.
+
+    Without a mesh the state is built on the default device. With one it is created already sharded: a fresh
+    init runs under jit with the state's shardings as its outputs, and loaded weights wait on the host until each
+    goes to its own shards, so no device ever holds the whole state.
+    """
+    import functools
+
+    import jax
+
+    from flax_gpt.model import GPT
+    from flax_gpt.sharding import state_shardings
+    from flax_gpt.train_step import init_state, shard_state, sharded_init
+
+    if mesh is None:
+        model = init_model(cfg, dtype, **numerics)
+        return (model.config, *init_state(model, tx), None)
+    shardings_of = functools.partial(state_shardings, mesh=mesh, strategy=strategy)
+    if cfg.init_from == "scratch":
+        config = _model_config(cfg, dtype, **numerics)
+        graphdef, init, shardings = sharded_init(lambda: GPT(config, seed=cfg.seed), tx, shardings_of)
+        return config, graphdef, init(), shardings
+    with jax.default_device(_host_device()):
+        model = init_model(cfg, dtype, **numerics)
+    return (model.config, *shard_state(model, tx, shardings_of))
+
+
+def _host_device():
+    """A CPU device of this process (None if JAX runs without its CPU backend)."""
+    import jax
+
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -206,7 +223,8 @@ def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns a summary (steps, losses, paths, wall time)."""
     started = time.time()
     cfg = resolve(cfg)
-    platform = select_device(cfg.device)
+    platform = devices.select_device(cfg.device)
+    caps = devices.capabilities(platform)
     dtype = compute_dtype(cfg.dtype, platform)
     enable_compile_cache()
 
@@ -218,21 +236,16 @@ def run(cfg: TrainConfig) -> dict:
     from flax_gpt import sharding as shard
     from flax_gpt.checkpoint import DIVERGED_SUFFIX, Checkpointer, abstract_like
     from flax_gpt.generate import generate
-    from flax_gpt.metrics import MetricsLog, flops_per_token, peak_flops, plot_losses
+    from flax_gpt.metrics import MetricsLog, flops_per_token, mfu, peak_flops, plot_losses
     from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
     from flax_gpt.tokenizer import get_encoding
-    from flax_gpt.train_step import init_state, make_eval_step, make_train_step
+    from flax_gpt.train_step import make_eval_step, make_train_step
 
     out_dir = Path(cfg.out_dir).expanduser()
     ckpt_root = out_dir / "checkpoints"
     _check_out_dir(out_dir, ckpt_root, cfg.resume)
 
     tokens = data_lib.prepare(data_lib.resolve_source(cfg.data, Path.cwd()))
-    model = init_model(cfg, dtype)
-    model.config = model.config.replace(remat=cfg.remat, scan_layers=cfg.scan_layers)  # read at trace time by GPT.blocks
-    config = model.config
-    if cfg.seq_len > config.block_size:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {config.block_size}")
     n_proc, proc = jax.process_count(), jax.process_index()
     is_main = proc == 0
     accum = grad_accum_steps(cfg, n_proc)
@@ -247,15 +260,15 @@ def run(cfg: TrainConfig) -> dict:
     optim_cfg = OptimConfig(lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, warmup_steps=max(cfg.warmup_steps, 1),
                             max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     tx = make_optimizer(optim_cfg)
-    graphdef, state = init_state(model, tx)
-    del model  # the state owns the parameters from here on
-    state_sh = batch_sh = eval_batch_sh = None
-    if strategy != "none":
-        mesh = shard.make_mesh()
-        state_sh = shard.state_shardings(state, mesh, strategy)
+    mesh = shard.make_mesh() if strategy != "none" else None
+    numerics = {"remat": cfg.remat, "scan_layers": cfg.scan_layers, "matmul_output": caps.matmul_output}
+    config, graphdef, state, state_sh = init_train_state(cfg, dtype, numerics, tx, mesh, strategy)
+    if cfg.seq_len > config.block_size:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {config.block_size}")
+    batch_sh = eval_batch_sh = None
+    if mesh is not None:
         batch_sh = shard.batch_sharding(mesh)
         eval_batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard.AXIS, None))
-        state = jax.device_put(jax.device_get(state), state_sh)  # identical on every process (same seed)
 
     def to_device(local, sharding):
         """This process's numpy rows as (its part of) a device array."""
@@ -278,18 +291,22 @@ def run(cfg: TrainConfig) -> dict:
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if cfg.resume else None,
                              enabled=is_main)
 
-    train_step = make_train_step(graphdef, tx, lr_schedule(optim_cfg), state_sh, batch_sh)
+    train_step = make_train_step(graphdef, tx, lr_schedule(optim_cfg), state_sh, batch_sh, donate=caps.donation)
     eval_step = make_eval_step(graphdef, state_sh.params if state_sh else None, eval_batch_sh)
     enc = get_encoding()
     n_params = sum(x.size for x in jax.tree.leaves(state.params)) - config.block_size * config.n_embd
     tokens_per_step = accum * cfg.batch_size * cfg.seq_len * n_proc
     flops_per_step = flops_per_token(config, n_params, cfg.seq_len) * tokens_per_step
-    peak, peak_source = peak_flops(dtype)
+    step_devices = jax.local_devices() if strategy != "none" else jax.local_devices()[:1]  # in each process
+    peak, peak_source = peak_flops(dtype, step_devices, n_proc)
     log = print if is_main else (lambda *a, **k: None)
     log(f"model: {n_params / 1e6:.1f}M params, {config.n_layer} layers, {config.n_embd} wide, dtype {dtype} on "
           f"{platform}; data: {len(tokens.train):,} train / {len(tokens.val):,} val tokens; "
           f"batch {cfg.batch_size}x{cfg.seq_len} x {accum} accum x {n_proc} processes = {tokens_per_step:,} tokens/step; "
           f"{jax.device_count()} devices, sharding {strategy}")
+    log(f"mfu against {peak / 1e12:.3g} TFLOP/s: {peak_source}" if peak else f"note: mfu is not reported: {peak_source}")
+    if caps.fallbacks():
+        log(f"{platform} falls back to: {', '.join(caps.fallbacks())}")
 
     def meta_record(step: int) -> dict:
         return {"step": step, "model_config": _config_record(config), "loader": loader.state_dict(),
@@ -330,11 +347,12 @@ def run(cfg: TrainConfig) -> dict:
         if not math.isfinite(m["grad_norm"]):  # the update of this step made the parameters NaN
             raise Diverged(step_done, step_done + 1, f"gradient norm is {m['grad_norm']} at step {step_done}")
         rec = {"step": step_done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-               "ms_per_step": dt * 1e3, "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_step / dt / peak}
+               "ms_per_step": dt * 1e3, "tokens_per_s": tokens_per_step / dt, "mfu": mfu(flops_per_step / dt, peak)}
         metrics_log.write(rec)
         summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else m["loss"]
         summary["last_loss"] = m["loss"]
-        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", mfu=f"{rec['mfu']:.1%}", refresh=False)
+        shown = {"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", **shown, refresh=False)
         bar.update(1)
 
     def eval_and_sample(steps_done: int) -> None:
@@ -417,9 +435,9 @@ def out_of_memory_message(cfg: TrainConfig, dtype: str, platform: str, tokens_pe
 
 
 def _config_record(config: GPTConfig) -> dict:
-    """The shape-defining fields of a model config (dtype, attention, remat, scan_layers may change between runs)."""
+    """The shape-defining fields of a model config (the numerics-only ones may change between runs)."""
     record = dataclasses.asdict(config)
-    for numerics_only in ("dtype", "attention", "remat", "scan_layers"):
+    for numerics_only in ("dtype", "attention", "remat", "scan_layers", "matmul_output"):
         record.pop(numerics_only)
     return json.loads(json.dumps(record))
 
@@ -442,7 +460,7 @@ def _check_out_dir(out_dir: Path, ckpt_root: Path, resume: bool) -> None:
                         "or --out-dir to start a new run elsewhere")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
+        probe = out_dir / f".write_test.{os.getpid()}"  # one per process: processes of one run share out_dir
         probe.write_text("")
         probe.unlink()
     except OSError as e:

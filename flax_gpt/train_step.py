@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -24,7 +26,37 @@ class TrainState:
 def init_state(model: GPT, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
     """Split a model into its static graph and a fresh TrainState."""
     graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+    return graphdef, fresh_state(params, tx)
+
+
+def fresh_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+    """The TrainState of step 0: params, the optimizer's initial state, step 0."""
+    return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def sharded_init(make_model: Callable[[], GPT], tx: optax.GradientTransformation, shardings_of):
+    """(graphdef, init, shardings): init() returns a fresh TrainState created directly in its shardings.
+
+    make_model (its random init included) runs inside the jitted init, whose outputs have the shardings that
+    shardings_of gives the abstract state, so each device computes and holds only its own shards.
+    """
+    graphdef, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param)
+
+    def build():
+        return init_state(make_model(), tx)[1]
+
+    shardings = shardings_of(jax.eval_shape(build))
+    return graphdef, jax.jit(build, out_shardings=shardings), shardings
+
+
+def shard_state(model: GPT, tx: optax.GradientTransformation, shardings_of):
+    """(graphdef, TrainState, shardings) of a model whose parameters sit on the host (loaded weights): each
+    parameter goes to the devices with its own sharding, the optimizer state is created in its shardings."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    shardings = shardings_of(jax.eval_shape(lambda p: fresh_state(p, tx), params))
+    params = jax.tree.map(lambda p, s: jax.device_put(np.asarray(p), s), params, shardings.params)  # leaf by leaf
+    state = jax.jit(lambda p: fresh_state(p, tx), out_shardings=shardings, donate_argnums=0)(params)
+    return graphdef, state, shardings
 
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, x, y):
@@ -33,11 +65,12 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, x, y):
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule=None,
-                    state_sharding=None, batch_sharding=None):
+                    state_sharding=None, batch_sharding=None, donate: bool = True):
     """A jitted step(state, x, y) -> (state, metrics); x, y are (A, B, T): A micro batches accumulated.
 
     The loss and gradients are the mean over all A*B sequences, exactly as one batch A times
-    larger; the state argument is donated, so its buffers are reused for the new state. With
+    larger; the state argument is donated (unless donate=False, for platforms that cannot reuse
+    donated buffers), so its buffers are reused for the new state. With
     shardings (see flax_gpt.sharding) the step is compiled for them explicitly, metrics replicated.
     """
     grad_fn = jax.value_and_grad(loss_fn)
@@ -47,7 +80,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         shardings = dict(in_shardings=(state_sharding, batch_sharding, batch_sharding),
                          out_shardings=(state_sharding, replicated))
 
-    @functools.partial(jax.jit, donate_argnums=(0,), **shardings)
+    @functools.partial(jax.jit, donate_argnums=(0,) if donate else (), **shardings)
     def train_step(state: TrainState, x, y):
         def accumulate(carry, xy):
             loss_sum, grad_sum = carry

@@ -283,10 +283,17 @@ def blocked_attention_vs_xla(dtype: str = "float32", T: int = 45) -> tuple[Measu
 # ----------------------------------------------------------------------------- bf16
 
 
-def bf16_vs_autocast(shape: str) -> tuple[Measurement, Measurement]:
-    """flax bf16 compute against torch_ref under torch.autocast(bfloat16): logits and softmax KL."""
+def _matmul_label(matmul_output: str) -> str:
+    return "" if matmul_output == "float32" else f", matmul_output={matmul_output}"
+
+
+def bf16_vs_autocast(shape: str, matmul_output: str = "float32") -> tuple[Measurement, Measurement]:
+    """flax bf16 compute against torch_ref under torch.autocast(bfloat16): logits and softmax KL.
+
+    matmul_output="compute" forces the path of backends that ignore preferred_element_type (jax-mps).
+    """
     idx = tokens(shape)
-    model = GPT.from_pretrained(hf_dir(shape), dtype="bfloat16")
+    model = GPT.from_pretrained(hf_dir(shape), dtype="bfloat16", matmul_output=matmul_output)
     ours = flax_logits(model, idx).astype(np.float64)
     ref_model = torch_ref.GPT.from_pretrained(str(hf_dir(shape))).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -295,18 +302,29 @@ def bf16_vs_autocast(shape: str) -> tuple[Measurement, Measurement]:
     logp_ref = torch.log_softmax(torch.from_numpy(ref), -1)
     logp_ours = torch.log_softmax(torch.from_numpy(ours), -1)
     kl = float(F.kl_div(logp_ours, logp_ref, log_target=True, reduction="none").sum(-1).mean())
-    return (Measurement(f"bf16 logits flax vs torch autocast [{shape}] relative", rel(ours, ref), BF16_REL),
-            Measurement(f"bf16 flax vs torch autocast [{shape}] mean KL", kl, BF16_KL))
+    label = f"[{shape}{_matmul_label(matmul_output)}]"
+    return (Measurement(f"bf16 logits flax vs torch autocast {label} relative", rel(ours, ref), BF16_REL),
+            Measurement(f"bf16 flax vs torch autocast {label} mean KL", kl, BF16_KL))
 
 
-def bf16_grads_vs_autocast(shape: str) -> Measurement:
+def bf16_grads_vs_autocast(shape: str, matmul_output: str = "float32") -> Measurement:
     """Every gradient with bf16 compute (bf16 backward matmuls too) against torch_ref's under autocast(bfloat16)."""
     idx = tokens(shape)
-    fg = flax_grads(GPT.from_pretrained(hf_dir(shape), dtype="bfloat16"), idx)
+    fg = flax_grads(GPT.from_pretrained(hf_dir(shape), dtype="bfloat16", matmul_output=matmul_output), idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tg = torch_grads(torch_ref.GPT.from_pretrained(str(hf_dir(shape))), idx)
     worst = max(rel(fg[k], tg[k]) for k in tg)
-    return Measurement(f"bf16 gradients flax vs torch autocast [{shape}] worst param relative", worst, BF16_GRAD_REL)
+    return Measurement(f"bf16 gradients flax vs torch autocast [{shape}{_matmul_label(matmul_output)}] worst param "
+                       "relative", worst, BF16_GRAD_REL)
+
+
+def bf16_matmul_fallback_vs_normal(shape: str) -> Measurement:
+    """bf16 logits with matmuls that return bf16 (jax-mps's path, forced) against the float32-output ones."""
+    idx = tokens(shape)
+    normal, fallback = (flax_logits(GPT.from_pretrained(hf_dir(shape), dtype="bfloat16", matmul_output=m), idx)
+                        for m in ("float32", "compute"))
+    return Measurement(f"bf16 logits, matmul_output=compute vs float32 [{shape}] relative", rel(fallback, normal),
+                       BF16_REL)
 
 
 # ----------------------------------------------------------------------------- weight transfer
@@ -501,4 +519,6 @@ def all_forward_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
                 *training_loss_vs_logits_loss(shape), *training_loss_vs_logits_loss(shape, "bfloat16")]
     out += [*blocked_attention_vs_xla(), *blocked_attention_vs_xla("bfloat16")]
     out += [logits_flax_vs_hf("odd", layout) for layout in GOOD_LAYOUTS if layout != "safetensors"]
+    out += [*bf16_vs_autocast("odd", "compute"), bf16_grads_vs_autocast("tiny", "compute"),
+            bf16_matmul_fallback_vs_normal("odd")]
     return out

@@ -47,6 +47,17 @@ def test_bf16_gradients_match_torch_autocast(shape):
     assert m.value > 1e-4  # really ran in bf16
 
 
+def test_bf16_matmul_fallback_matches_torch_autocast_and_the_normal_path():
+    """jax-mps's matmul path, forced on the CPU: bf16 dots that return bf16, cast to float32 after."""
+    logits_rel, kl = checks.bf16_vs_autocast("odd", matmul_output="compute")
+    assert_within(logits_rel)
+    assert_within(kl)
+    assert_within(checks.bf16_grads_vs_autocast("tiny", matmul_output="compute"))
+    m = checks.bf16_matmul_fallback_vs_normal("odd")
+    assert_within(m)
+    assert m.value > 0  # really the other path: its outputs are rounded to bf16
+
+
 def test_low_precision_matmul_vjp_is_the_dot_vjp():
     """The hand-written backward of the bf16 matmul is the true one: exact against autodiff of jnp.dot in f32."""
     import jax

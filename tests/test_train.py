@@ -336,7 +336,7 @@ def test_init_from_a_run_directory(runs, work):
 @needs("err_binary", "err_metal")
 @pytest.mark.parametrize("name, fragments", [
     ("err_binary", ["binary.dat", "not UTF-8", "NUL byte at offset 0"]),
-    ("err_metal", ["--device metal", "pip install"]),
+    ("err_metal", ["--device metal needs the jax-mps plugin", "pip install 'flax-gpt[metal]'"]),
 ])
 def test_bad_input_in_a_real_process(runs, work, name, fragments):
     r = runs.result(name)

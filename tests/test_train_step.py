@@ -76,6 +76,22 @@ def test_state_is_donated(setup):
     assert step._cache_size() == 1
 
 
+def test_without_donation_the_state_is_kept_and_the_steps_are_the_same(setup):
+    """The fallback for platforms that cannot donate (jax-mps), forced on the CPU: bit for bit the donating step."""
+    tx, step, _ = setup
+    graphdef, _ = init_state(GPT(preset("tiny"), seed=0), tx)
+    copying = make_train_step(graphdef, tx, lr_schedule(OPTIM), donate=False)
+    kept, donated = fresh_state(tx), fresh_state(tx)
+    for i in range(3):
+        before = jax.tree.leaves(kept.params)[0]
+        kept, kept_metrics = copying(kept, *batch(i))
+        donated, metrics = step(donated, *batch(i))
+        assert not before.is_deleted()
+        assert float(kept_metrics["loss"]) == float(metrics["loss"])
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(donated)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_eval_step_compiles_once(setup):
     tx, _, eval_step = setup
     params = fresh_state(tx).params

@@ -1,0 +1,78 @@
+"""Where JAX computes (`--device`) and what runs there: CUDA, Apple GPUs through the jax-mps plugin, or the CPU.
+
+A plugin platform cannot run everything the CPU and CUDA can; `capabilities` names the fallbacks, and
+train, generate and evaluate set the model and the jitted steps from them (the model knows no platforms).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+
+from flax_gpt.errors import UserError
+
+JAX_PLATFORM = {"cuda": "cuda", "metal": "mps", "cpu": "cpu"}  # --device -> the platform's name in JAX
+METAL_INSTALL = ("--device metal needs the jax-mps plugin (Apple silicon, macOS 14+, Python 3.11+): "
+                 "pip install 'flax-gpt[metal]'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a platform runs as CPU and CUDA do, and the fallback where it does not."""
+
+    donation: bool = True  # jit reuses donated input buffers (else: donate nothing)
+    matmul_output: str = "float32"  # GPTConfig.matmul_output: 16-bit dots return float32, or "compute" and a cast
+    cudnn_attention: bool = False  # cuDNN flash attention can run (else: XLA's)
+
+    def fallbacks(self) -> list[str]:
+        """The fallbacks in words, for the run's log."""
+        return ([] if self.donation else ["no buffer donation"]) + (
+            [] if self.matmul_output == "float32" else ["bf16 matmuls return bf16, cast to float32"])
+
+
+def capabilities(platform: str) -> Capabilities:
+    """Of a JAX platform name (cpu, gpu, mps, ...). jax-mps (mps) warns and copies donated buffers, and its
+    dot_general hands back the inputs' bf16 where preferred_element_type asks for float32."""
+    if platform == "mps":
+        return Capabilities(donation=False, matmul_output="compute")
+    return Capabilities(cudnn_attention=platform == "gpu")
+
+
+def current_platform() -> str:
+    """The platform of JAX's default devices (cpu, gpu for CUDA, mps for Apple GPUs)."""
+    import jax
+
+    return jax.devices()[0].platform
+
+
+def has_metal_plugin() -> bool:
+    """Whether jax-mps, the PJRT plugin for Apple GPUs, is installed."""
+    try:
+        importlib.metadata.distribution("jax-mps")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def select_device(device: str) -> str:
+    """Point JAX at --device before it starts; returns the platform in use.
+
+    auto is JAX's own choice: a CUDA GPU, else Apple's GPU when jax-mps is installed (plugins rank above the
+    CPU), else the CPU. The CPU backend stays available beside an accelerator (loaded weights wait there).
+    """
+    import jax
+
+    if device not in ("auto", *JAX_PLATFORM):
+        raise UserError(f"--device must be auto, cuda, metal or cpu, got {device!r}")
+    if device == "metal" and not has_metal_plugin():
+        raise UserError(METAL_INSTALL)
+    if device != "auto":
+        jax.config.update("jax_platforms", "cpu" if device == "cpu" else f"{JAX_PLATFORM[device]},cpu")
+    from flax_gpt.sharding import initialize_distributed
+
+    initialize_distributed()  # before anything asks for devices; a no-op for a single process
+    try:
+        return current_platform()
+    except RuntimeError:
+        raise UserError(f"--device {device}: JAX finds no such device (for cuda: pip install 'flax-gpt[cuda]' "
+                        "on a machine with an NVIDIA driver; for metal: jax-mps on macOS 14+ on Apple silicon)") from None

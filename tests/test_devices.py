@@ -1,0 +1,111 @@
+"""Apple GPUs through jax-mps, checked on the CPU: the platform's fallbacks forced here, the metal extra's markers."""
+
+import json
+import platform
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+
+from flax_gpt import devices
+from flax_gpt.errors import UserError
+from flax_gpt.train import TrainConfig, run
+from train_runs import corpus_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# macOS 14 on Apple silicon, as the markers see it (packaging's names)
+MAC = {**default_environment(), "sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64",
+       "os_name": "posix", "python_version": "3.12", "python_full_version": "3.12.4"}
+
+
+def metal_extra() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["optional-dependencies"]["metal"]]
+
+
+def test_the_metal_extra_is_jax_mps_for_apple_silicon_only():
+    (req,) = metal_extra()
+    assert req.name == "jax-mps"
+    assert req.marker.evaluate(MAC)
+    assert not req.marker.evaluate({**MAC, "sys_platform": "linux", "platform_system": "Linux",
+                                    "platform_machine": "x86_64"})  # a Linux machine as this project's CI
+    here = sys.platform == "darwin" and platform.machine() == "arm64" and sys.version_info >= (3, 11)
+    assert req.marker.evaluate() == here  # this machine, judged by the markers alone
+    assert not req.marker.evaluate({**MAC, "platform_machine": "x86_64"})  # an Intel Mac: no Apple GPU
+    assert not req.marker.evaluate({**MAC, "python_version": "3.10"})  # jax-mps needs Python 3.11+
+
+
+def test_the_metal_extra_pairs_jax_mps_with_the_jax_this_package_takes():
+    """jax-mps x.y.* requires jax x.y.*: its range must not leave this package's jax range."""
+    (req,) = metal_extra()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    jax = next(Requirement(r) for r in project["dependencies"] if r.startswith("jax"))
+    assert "0.10.11" in req.specifier and "0.10.0" not in req.specifier  # 0.10.11: the release whose source was read
+    for minor in ("0.9.14", "0.11.1"):  # the neighbours, paired with jax 0.9 and 0.11
+        assert minor not in req.specifier
+    assert "0.10.2" in jax.specifier and "0.11.0" not in jax.specifier
+
+
+def test_the_resolution_check_refuses_a_missing_plugin_or_a_jax_it_does_not_take():
+    """`make metal-resolve`'s check, offline on made-up resolutions (the real one needs PyPI)."""
+    from check_metal_resolution import check
+
+    jax_range = Requirement("jax>=0.6,<0.11")
+    good = "flax==0.12.8\njax==0.10.2\njax-mps==0.10.11\njaxlib==0.10.2\n"
+    assert check(good, jax_range) == "jax-mps==0.10.11 jax==0.10.2 jaxlib==0.10.2"
+    for bad, why in ((good.replace("jax-mps==0.10.11\n", "jax-metal==0.1.1\n"), "jax-mps is missing"),
+                     (good.replace("jax==0.10.2", "jax==0.9.2"), "jax 0.9.2 does not go with jax-mps 0.10.11"),
+                     (good.replace("jax==0.10.2", "jax==0.11.0").replace("jax-mps==0.10.11", "jax-mps==0.11.1"),
+                      "jax 0.11.0 does not go")):
+        with pytest.raises(SystemExit, match=why):
+            check(bad, jax_range)
+
+
+def test_capabilities_of_each_platform():
+    assert devices.capabilities("mps") == devices.Capabilities(donation=False, matmul_output="compute",
+                                                               cudnn_attention=False)
+    assert devices.capabilities("cpu") == devices.Capabilities()
+    assert devices.capabilities("gpu").cudnn_attention and devices.capabilities("gpu").donation
+    assert devices.capabilities("cpu").fallbacks() == []
+    assert devices.capabilities("mps").fallbacks() == ["no buffer donation", "bf16 matmuls return bf16, cast to float32"]
+
+
+def test_device_metal_without_the_plugin_names_jax_mps(monkeypatch):
+    monkeypatch.setattr(devices, "has_metal_plugin", lambda: False)  # as on this project's Linux machines
+    with pytest.raises(UserError, match=r"^--device metal needs the jax-mps plugin .*pip install 'flax-gpt\[metal\]'$"):
+        devices.select_device("metal")
+
+
+def test_a_run_on_jax_mps_takes_its_fallbacks(tmp_path, monkeypatch, capsys):
+    """train.run with JAX's platform reported as mps (the CPU computes): the train step does not donate, the
+    samples' decode steps do not donate the cache, matmuls return bf16; it trains. (The fallbacks' numbers against
+    the normal path: parity_tests' matmul fallback check and test_train_step's step without donation.)"""
+    from flax_gpt import generate, train, train_step
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLAX_GPT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
+    donated = []
+    make_train_step = train_step.make_train_step
+    monkeypatch.setattr(train_step, "make_train_step",
+                        lambda *a, **k: donated.append(k.get("donate", True)) or make_train_step(*a, **k))
+    configs = []
+    init_train_state = train.init_train_state
+    monkeypatch.setattr(train, "init_train_state",
+                        lambda *a, **k: (lambda r: configs.append(r[0]) or r)(init_train_state(*a, **k)))
+    monkeypatch.setattr(devices, "current_platform", lambda: "mps")
+    copying_steps = generate._step_jit_copying._cache_size()
+    run(TrainConfig(preset="tiny", data="corpus.txt", batch_size=2, seq_len=16, max_steps=3, eval_interval=3,
+                    eval_batches=1, sample_tokens=4, progress=False, out_dir="mps"))  # dtype auto: bf16 off the CPU
+    out = capsys.readouterr().out
+    assert "dtype bfloat16 on mps" in out
+    assert "mps falls back to: no buffer donation, bf16 matmuls return bf16, cast to float32" in out
+    assert donated == [False] and [c.matmul_output for c in configs] == ["compute"]
+    assert generate._step_jit_copying._cache_size() == copying_steps + 1  # compiled for the samples, and used
+    records = [json.loads(line) for line in (tmp_path / "mps" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses  # measured: 10.8406 -> 10.7363
