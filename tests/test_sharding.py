@@ -67,10 +67,10 @@ for strategy in ("none", "dp", "fsdp"):
                                     for p, v in leaves if v.size >= shard.FSDP_MIN_SIZE}
         out["fsdp_full_shapes"] = {jax.tree_util.keystr(p): list(v.shape) for p, v in leaves if v.size >= shard.FSDP_MIN_SIZE}
 with jax.transfer_guard("disallow_explicit"):  # the function train.py calls, fsdp from scratch
-    _, _, state, _ = init_train_state(TrainConfig(preset="tiny", n_embd=64), "float32", {}, tx, mesh, "fsdp")
+    _, _, state, _ = init_train_state(TrainConfig(preset="tiny"), "float32", {}, tx, mesh, "fsdp")
 out["train_init_largest_leaf_spec"] = [str(a) for a in max(jax.tree.leaves(state.params), key=lambda x: x.size).sharding.spec]
 from flax_gpt.metrics import peak_flops
-for _ in range(3):  # side by side: the peak train.py divides by on 4 forced devices, and on 1
+for _ in range(2):  # side by side: the peak train.py divides by on 4 forced devices, and on 1
     out.setdefault("peak_all", []).append(peak_flops("float32", jax.local_devices())[0])
     out.setdefault("peak_one", []).append(peak_flops("float32", jax.local_devices()[:1])[0])
 print(json.dumps(out))
@@ -127,9 +127,7 @@ def sharded_steps():
 def test_the_mfu_peak_of_four_forced_cpu_devices_is_the_machines(sharded_steps):
     """Measured side by side in one process: the matmul split over 4 forced devices runs on the same 2 cores as on
     1 device, so its peak is that of 1 device (within PEAK_RATIO: see there)."""
-    import statistics
-
-    ratio = statistics.median(sharded_steps["peak_all"]) / statistics.median(sharded_steps["peak_one"])
+    ratio = max(sharded_steps["peak_all"]) / max(sharded_steps["peak_one"])  # the best of each: a peak
     assert 1 / PEAK_RATIO <= ratio <= PEAK_RATIO, (ratio, sharded_steps["peak_all"], sharded_steps["peak_one"])
 
 
