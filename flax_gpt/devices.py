@@ -76,3 +76,36 @@ def select_device(device: str) -> str:
     except RuntimeError:
         raise UserError(f"--device {device}: JAX finds no such device (for cuda: pip install 'flax-gpt[cuda]' "
                         "on a machine with an NVIDIA driver; for metal: jax-mps on macOS 14+ on Apple silicon)") from None
+
+
+def compute_dtype(dtype: str, platform: str) -> str:
+    """--dtype: auto is bf16 on accelerators and fp32 on the CPU (where exact resume is tested and bf16 pays only
+    on CPUs with native bf16 dot instructions)."""
+    if dtype == "auto":
+        return "float32" if platform == "cpu" else "bfloat16"
+    return {"bf16": "bfloat16", "fp32": "float32"}[dtype]
+
+
+def model_numerics(dtype_flag: str, attention_flag: str) -> tuple[str, dict]:
+    """(compute dtype, GPTConfig numerics) for --dtype and --attention on the current platform: what generate and
+    evaluate load a model with."""
+    platform = current_platform()
+    dtype = compute_dtype(dtype_flag, platform)
+    return dtype, {"matmul_output": capabilities(platform).matmul_output,
+                   "attention": attention_implementation(attention_flag, platform, dtype)}
+
+
+def attention_implementation(attention: str, platform: str, dtype: str) -> str:
+    """--attention as GPTConfig.attention: auto is cuDNN flash attention on CUDA in bf16, XLA's elsewhere."""
+    cudnn_runs = capabilities(platform).cudnn_attention
+    if attention == "auto":
+        return "cudnn" if cudnn_runs and dtype == "bfloat16" else "xla"
+    if attention == "cudnn" and not cudnn_runs:
+        raise UserError(f"--attention cudnn needs a CUDA GPU (cuDNN flash attention); this run is on {platform}: "
+                        "use --attention xla (or auto)")
+    if attention == "cudnn" and dtype != "bfloat16":
+        raise UserError(f"--attention cudnn runs in bf16 only (cuDNN flash attention), this run computes in {dtype}: "
+                        "add --dtype bf16, or use --attention xla")
+    if attention not in ("xla", "cudnn"):
+        raise UserError(f"--attention must be auto, xla or cudnn, got {attention!r}")
+    return attention

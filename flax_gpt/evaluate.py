@@ -41,6 +41,7 @@ class EvalConfig:
     max_batches: int | None = None  # evaluate at most this many batches; default the whole file
     hellaswag: str | None = None  # HellaSwag jsonl: ctx (or ctx_a/ctx_b), endings (4), label
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype; auto: bf16 on GPU/TPU, fp32 on CPU
+    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN flash attention on CUDA in bf16, else XLA's
     json: str | None = None  # also write the results to this JSON file
     debug: bool = False  # show tracebacks instead of one-line errors
 
@@ -283,11 +284,8 @@ def run(cfg: EvalConfig) -> dict:
 
     from flax_gpt import devices
     from flax_gpt.load import load_model
-    from flax_gpt.train import compute_dtype
-
-    platform = devices.current_platform()
-    dtype = compute_dtype(cfg.dtype, platform)
-    model = load_model(cfg.init_from, dtype, matmul_output=devices.capabilities(platform).matmul_output)
+    dtype, numerics = devices.model_numerics(cfg.dtype, cfg.attention)
+    model = load_model(cfg.init_from, dtype, **numerics)
     c = model.config
     results = {"init_from": cfg.init_from, "dtype": dtype,
                "model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,

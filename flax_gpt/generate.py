@@ -136,6 +136,7 @@ class GenerateConfig:
     top_k: int | None = 50
     top_p: float | None = None
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN flash attention on CUDA in bf16, else XLA's (the prompt; decoding is XLA's)
     debug: bool = False  # show tracebacks instead of one-line errors
 
 
@@ -162,13 +163,10 @@ def main(argv=None) -> int:
 
     cfg = tyro.cli(GenerateConfig, args=argv, description=__doc__)
     try:
-        from flax_gpt.train import compute_dtype
-
-        platform = devices.current_platform()
-        dtype = compute_dtype(cfg.dtype, platform)
         if cfg.num_samples < 1:
             raise UserError(f"--num-samples must be at least 1, got {cfg.num_samples}")
-        model = load_model(cfg.init_from, dtype=dtype, matmul_output=devices.capabilities(platform).matmul_output)
+        dtype, numerics = devices.model_numerics(cfg.dtype, cfg.attention)
+        model = load_model(cfg.init_from, dtype=dtype, **numerics)
         enc = get_encoding()
         prompt_ids = enc.encode(cfg.prompt, allowed_special={"<|endoftext|>"})
         if model.config.vocab_size < enc.n_vocab:

@@ -113,19 +113,25 @@ class CausalSelfAttention(nnx.Module):
         q = q.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
         k = k.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
         v = v.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
-        if kv_cache is None and self.implementation == "cudnn":  # flash attention: keeps only its output and statistics
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # (B, T, nh, hs)
-        elif kv_cache is None:  # XLA: by blocks of queries, recomputed in the backward pass
-            y = causal_attention(q, k, v)  # (B, T, nh, hs)
-        else:
+        if kv_cache is not None:  # write this step's keys and values at pos..pos+T-1
             k_cache, v_cache = kv_cache
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1)  # (B, S, nh, hs)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1)  # (B, S, nh, hs)
-            kv_cache = (k, v)
-            visible = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]  # (T, S) causal over the cache
-            y = jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation=self.implementation)  # (B, T, nh, hs)
+            kv_cache = (jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1),
+                        jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1))
+        if kv_cache is None or (isinstance(pos, int) and pos == 0):  # the sequence from its start (training, prefill)
+            y = self.causal(q, k, v)  # (B, T, nh, hs)
+        else:  # decoding: attend to every cached position up to this one
+            k, v = kv_cache  # (B, S, nh, hs) each
+            visible = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]  # (T, S)
+            y = jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation="xla")  # (B, T, nh, hs)
         y = y.reshape(B, T, C)  # (B, T, C) heads side by side
         return self.c_proj(y), kv_cache  # (B, T, C)
+
+    def causal(self, q, k, v):
+        """Causal attention of q, k, v (B, T, nh, hs): cuDNN's flash attention (keeps only its output and row
+        statistics for the backward pass), or XLA's by blocks of queries, recomputed in the backward pass."""
+        if self.implementation == "cudnn":
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # (B, T, nh, hs)
+        return causal_attention(q, k, v)  # (B, T, nh, hs)
 
 
 class MLP(nnx.Module):

@@ -48,6 +48,7 @@ class TrainConfig:
     remat: bool = False  # recompute block activations in the backward pass: less memory, ~1/3 more compute
     scan_layers: bool = False  # rolled layer loop: compile time flat in depth (gpt2-xl fwd+bwd 1.3 s, not 11 s), slower steps
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype; auto: bf16 on GPU/TPU, fp32 on CPU
+    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN flash attention on CUDA in bf16, else XLA's
     n_layer: int | None = None  # model overrides of the preset's shape (scratch runs only)
     n_head: int | None = None
     n_embd: int | None = None
@@ -134,14 +135,6 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", str(xla_cache))
 
 
-def compute_dtype(dtype: str, platform: str) -> str:
-    """auto means bf16 on accelerators and fp32 on CPU: exact resume is tested in fp32, and bf16 pays only on
-    CPUs with native bf16 dots (1.6-1.7x on this project's AVX512-BF16 machine, BENCHMARKS.md)."""
-    if dtype == "auto":
-        return "float32" if platform == "cpu" else "bfloat16"
-    return {"bf16": "bfloat16", "fp32": "float32"}[dtype]
-
-
 # ----------------------------------------------------------------------------- model init
 
 
@@ -225,7 +218,7 @@ def run(cfg: TrainConfig) -> dict:
     cfg = resolve(cfg)
     platform = devices.select_device(cfg.device)
     caps = devices.capabilities(platform)
-    dtype = compute_dtype(cfg.dtype, platform)
+    dtype = devices.compute_dtype(cfg.dtype, platform)
     enable_compile_cache()
 
     import jax
@@ -261,7 +254,8 @@ def run(cfg: TrainConfig) -> dict:
                             max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     tx = make_optimizer(optim_cfg)
     mesh = shard.make_mesh() if strategy != "none" else None
-    numerics = {"remat": cfg.remat, "scan_layers": cfg.scan_layers, "matmul_output": caps.matmul_output}
+    numerics = {"remat": cfg.remat, "scan_layers": cfg.scan_layers, "matmul_output": caps.matmul_output,
+                "attention": devices.attention_implementation(cfg.attention, platform, dtype)}
     config, graphdef, state, state_sh = init_train_state(cfg, dtype, numerics, tx, mesh, strategy)
     if cfg.seq_len > config.block_size:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {config.block_size}")
@@ -300,7 +294,8 @@ def run(cfg: TrainConfig) -> dict:
     step_devices = jax.local_devices() if strategy != "none" else jax.local_devices()[:1]  # in each process
     peak, peak_source = peak_flops(dtype, step_devices, n_proc)
     log = print if is_main else (lambda *a, **k: None)
-    log(f"model: {n_params / 1e6:.1f}M params, {config.n_layer} layers, {config.n_embd} wide, dtype {dtype} on "
+    log(f"model: {n_params / 1e6:.1f}M params, {config.n_layer} layers, {config.n_embd} wide, dtype {dtype}, "
+        f"{config.attention} attention on "
           f"{platform}; data: {len(tokens.train):,} train / {len(tokens.val):,} val tokens; "
           f"batch {cfg.batch_size}x{cfg.seq_len} x {accum} accum x {n_proc} processes = {tokens_per_step:,} tokens/step; "
           f"{jax.device_count()} devices, sharding {strategy}")

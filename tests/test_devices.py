@@ -74,6 +74,17 @@ def test_capabilities_of_each_platform():
     assert devices.capabilities("mps").fallbacks() == ["no buffer donation", "bf16 matmuls return bf16, cast to float32"]
 
 
+def test_attention_auto_is_cudnn_on_cuda_in_bf16_and_xla_elsewhere():
+    pick = devices.attention_implementation
+    assert pick("auto", "gpu", "bfloat16") == "cudnn"
+    assert [pick("auto", p, d) for p, d in (("gpu", "float32"), ("cpu", "bfloat16"), ("mps", "bfloat16"))] == ["xla"] * 3
+    assert pick("xla", "gpu", "bfloat16") == "xla" and pick("cudnn", "gpu", "bfloat16") == "cudnn"
+    with pytest.raises(UserError, match=r"^--attention cudnn needs a CUDA GPU .* on mps: use --attention xla"):
+        pick("cudnn", "mps", "bfloat16")
+    with pytest.raises(UserError, match=r"^--attention cudnn runs in bf16 only .* add --dtype bf16"):
+        pick("cudnn", "gpu", "float32")
+
+
 def test_device_metal_without_the_plugin_names_jax_mps(monkeypatch):
     monkeypatch.setattr(devices, "has_metal_plugin", lambda: False)  # as on this project's Linux machines
     with pytest.raises(UserError, match=r"^--device metal needs the jax-mps plugin .*pip install 'flax-gpt\[metal\]'$"):
@@ -102,7 +113,7 @@ def test_a_run_on_jax_mps_takes_its_fallbacks(tmp_path, monkeypatch, capsys):
     run(TrainConfig(preset="tiny", data="corpus.txt", batch_size=2, seq_len=16, max_steps=3, eval_interval=3,
                     eval_batches=1, sample_tokens=4, progress=False, out_dir="mps"))  # dtype auto: bf16 off the CPU
     out = capsys.readouterr().out
-    assert "dtype bfloat16 on mps" in out
+    assert "dtype bfloat16, xla attention on mps" in out
     assert "mps falls back to: no buffer donation, bf16 matmuls return bf16, cast to float32" in out
     assert donated == [False] and [c.matmul_output for c in configs] == ["compute"]
     assert generate._step_jit_copying._cache_size() == copying_steps + 1  # compiled for the samples, and used

@@ -265,6 +265,11 @@ def test_nothing_to_evaluate_and_bad_model(text_file, tmp_path, capsys):
     assert str(tmp_path) in run_cli(["--init-from", str(tmp_path), "--data", str(text_file)], capsys)
 
 
+def test_cudnn_attention_on_the_cpu_is_one_line(model_dir, text_file, capsys):
+    assert "--attention cudnn needs a CUDA GPU" in run_cli(["--init-from", str(model_dir), "--data", str(text_file),
+                                                           "--attention", "cudnn"], capsys)
+
+
 def test_module_entry_point_exits_2_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flax_gpt.evaluate", "--init-from", "x", "--data",
                            str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=120, cwd=ROOT)

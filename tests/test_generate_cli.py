@@ -38,6 +38,7 @@ def test_samples_stream_with_prompt_and_repeat_per_seed(hf_dir):
     (("--prompt", "word " * 70, "--max-new-tokens", "5"), "exceeds the model's context of 64"),
     (("--num-samples", "0"), "--num-samples must be at least 1"),
     (("--top-p", "1.5", "--max-new-tokens", "5"), "0 < top_p <= 1"),
+    (("--attention", "cudnn"), "--attention cudnn needs a CUDA GPU (cuDNN flash attention); this run is on cpu"),
 ])
 def test_bad_requests_end_in_one_line(hf_dir, args, message):
     proc = run_cli("--init-from", hf_dir, *args)

@@ -124,6 +124,8 @@ BAD_INPUT = {  # id: (setup(tmp) -> (extra args, fragments the message must hold
                                              ["--total-batch-size 100", "multiple", "32"]),
     "seq_len_above_block_size": lambda tmp: (["--seq-len", "65", "--total-batch-size", "130"],
                                              ["--seq-len 65", "block_size 64"]),
+    "attention_cudnn_on_cpu": lambda tmp: (["--attention", "cudnn"], ["--attention cudnn needs a CUDA GPU", "on cpu",
+                                                                      "--attention xla"]),
     "init_from_dir_without_config": lambda tmp: ((tmp / "not_a_model").mkdir() or ["--init-from", "not_a_model"],
                                                  ["not_a_model", "config.json"]),
     "resume_without_checkpoint": lambda tmp: (["--resume"], ["--resume", "no checkpoint"]),
