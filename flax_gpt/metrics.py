@@ -91,6 +91,13 @@ def mfu(flops_per_s: float, peak: float | None) -> float | None:
     return None if peak is None else flops_per_s / peak
 
 
+def peak_device_memory_gib() -> float | None:
+    """The most memory any local device has held so far, in GiB, where the platform reports it (CUDA); else None."""
+    stats = [device.memory_stats() or {} for device in jax.local_devices()]
+    peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
+    return max(peaks) / 2**30 if peaks else None
+
+
 class MetricsLog:
     """One JSON object per line in OUT_DIR/metrics.jsonl; a resumed run drops steps it will redo."""
 

@@ -229,7 +229,7 @@ def run(cfg: TrainConfig) -> dict:
     from flax_gpt import sharding as shard
     from flax_gpt.checkpoint import DIVERGED_SUFFIX, Checkpointer, abstract_like
     from flax_gpt.generate import generate
-    from flax_gpt.metrics import MetricsLog, flops_per_token, mfu, peak_flops, plot_losses
+    from flax_gpt.metrics import MetricsLog, flops_per_token, mfu, peak_device_memory_gib, peak_flops, plot_losses
     from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
     from flax_gpt.tokenizer import get_encoding
     from flax_gpt.train_step import make_eval_step, make_train_step
@@ -353,9 +353,12 @@ def run(cfg: TrainConfig) -> dict:
     def eval_and_sample(steps_done: int) -> None:
         val_loss = evaluate(state.params)
         text = sample(state.params)
-        metrics_log.write({"step": steps_done, "val_loss": val_loss, "sample": text})
+        peak_memory = peak_device_memory_gib()
+        metrics_log.write({"step": steps_done, "val_loss": val_loss, "sample": text}
+                          | ({} if peak_memory is None else {"peak_device_memory_GiB": peak_memory}))
         summary["val_losses"].append((steps_done, val_loss))
-        (bar.write if is_main else log)(f"step {steps_done:5d} | val loss {val_loss:.4f} | sample: {text[:200]!r}")
+        memory = "" if peak_memory is None else f" | peak device memory {peak_memory:.1f} GiB"
+        (bar.write if is_main else log)(f"step {steps_done:5d} | val loss {val_loss:.4f}{memory} | sample: {text[:200]!r}")
 
     try:
         for step in range(start_step, cfg.max_steps):

@@ -52,3 +52,21 @@ def test_every_listed_peak_is_a_dense_bf16_figure():
     """Sanity of the table: between a T4-class 65 TFLOP/s and an H100's 989 (sparse figures would be 2x)."""
     assert all(60e12 <= peak <= 989e12 for peak in GPU_PEAK_BF16.values())
     assert all(kind == kind.strip() and kind.startswith("NVIDIA ") for kind in GPU_PEAK_BF16)
+
+
+def test_peak_device_memory_is_the_largest_reported_and_none_on_the_cpu(monkeypatch):
+    import jax
+
+    from flax_gpt.metrics import peak_device_memory_gib
+
+    assert peak_device_memory_gib() is None  # XLA:CPU reports no memory stats
+
+    class Device:
+        def __init__(self, peak):
+            self.peak = peak
+
+        def memory_stats(self):
+            return {"peak_bytes_in_use": self.peak, "bytes_in_use": 1}
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(3 * 2**30), Device(5 * 2**30)])
+    assert peak_device_memory_gib() == 5.0
