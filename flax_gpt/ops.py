@@ -2,7 +2,7 @@
 pass is chosen here, not by autodiff.
 
     layer_norm         keeps its float32 input and two statistics per row (autodiff: three float32 copies)
-    gelu               GPT-2's tanh GELU keeping only its input (autodiff: six copies of the (B, T, 4C) tensor)
+    gelu               GPT-2's tanh GELU keeping its input and tanh (autodiff: six (B, T, 4C) tensors)
     causal_attention   XLA attention over blocks of queries, each block recomputed in the backward pass
     lm_head_loss       tied lm_head + cross entropy over chunks of tokens, logits never all in memory
 
@@ -94,23 +94,24 @@ def _layer_norm_bwd(eps, saved, g):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+GELU_C = math.sqrt(2 / math.pi)
+
+
 @jax.custom_vjp
 def gelu(x):
-    """GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return jax.nn.gelu(x, approximate=True)
+    """GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in x's dtype."""
+    return _gelu_fwd(x)[0]
 
 
 def _gelu_fwd(x):
-    return gelu(x), x
+    t = jnp.tanh(GELU_C * (x + 0.044715 * x**3))  # (..., 4C) in x's dtype, as jax.nn.gelu computes it
+    return x * (0.5 * (1.0 + t)), (x, t)
 
 
-def _gelu_bwd(x, g):
-    x, = after(g, x)
-    x32 = x.astype(jnp.float32)
-    c = math.sqrt(2 / math.pi)
-    t = jnp.tanh(c * (x32 + 0.044715 * x32**3))
-    slope = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * c * (1 + 3 * 0.044715 * x32 * x32)
-    return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
+def _gelu_bwd(saved, g):
+    x, t = (a.astype(jnp.float32) for a in after(g, *saved))
+    slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * x * x)
+    return ((g.astype(jnp.float32) * slope).astype(saved[0].dtype),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
