@@ -10,6 +10,7 @@
 import hashlib
 import os
 import posixpath
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -147,8 +148,14 @@ def prepare(source: Path, val_fraction: float = 0.1) -> TokenData:
     source = Path(source).resolve()
     out = token_cache_dir(source)
     settings = prepare_lib.Settings(val_fraction=val_fraction)
-    prepare_lib.prepare([source], out, settings, owned=True, progress=None, require_splits=False)
-    return open_token_dir(out)
+    for attempt in range(2):
+        prepare_lib.prepare([source], out, settings, owned=True, progress=None, require_splits=False)
+        try:
+            return open_token_dir(out)
+        except UserError:  # a damaged cache (a file cut short, deleted): tokenize again
+            if attempt:
+                raise
+            shutil.rmtree(out)
 
 
 # ----------------------------------------------------------------------------- batches

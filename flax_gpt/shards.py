@@ -234,7 +234,7 @@ def _memmap(f: Path, offset: int, n: int) -> np.ndarray:
 
 def _token_data(path: Path, fmt: str, files: dict[str, list[tuple[Path, np.ndarray]]], meta: dict | None = None):
     for split in SPLITS:
-        if not files[split]:
+        if not files[split] and meta is None:  # a manifest may list an empty split (a cache with no val)
             other = "val" if split == "train" else "train"
             raise UserError(f"{path} holds {fmt} {other} files but no {split} file (a name with '{split}' in it); "
                             "both splits are needed")

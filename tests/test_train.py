@@ -102,7 +102,7 @@ def short_text_case(tmp: Path):
 
     text = "To be, or not to be: that is the question.\n"
     (tmp / "short.txt").write_text(text)
-    n = len(get_encoding().encode_ordinary(text))
+    n = 1 + len(get_encoding().encode_ordinary(text))  # <|endoftext|> + the text
     n_train = n - int(n * 0.1)  # prepare() keeps the last 10% for validation
     return ["--data", "short.txt"], [f"{n_train} tokens", "2*16+1 = 33"]
 
