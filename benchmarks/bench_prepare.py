@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -180,12 +181,17 @@ def run_watched(cmd: list[str], env: dict) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks: dict[int, float] = {}
-    while proc.poll() is None:
+    try:
+        while proc.poll() is None:
+            for pid in process_tree(proc.pid):
+                mb = peak_rss_mb(pid)
+                if mb is not None:
+                    peaks[pid] = max(peaks.get(pid, 0.0), mb)
+            time.sleep(0.1)
+    except BaseException:  # interrupted: take the run's processes down with us
         for pid in process_tree(proc.pid):
-            mb = peak_rss_mb(pid)
-            if mb is not None:
-                peaks[pid] = max(peaks.get(pid, 0.0), mb)
-        time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+        raise
     seconds = time.perf_counter() - t0
     out, err = proc.communicate()
     if proc.returncode != 0:
@@ -231,6 +237,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the generated corpora")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` cleans up like Ctrl-C
 
     work = Path(args.work)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -294,9 +294,7 @@ def prepare(paths: list[Path], out: Path, settings: Settings = Settings(), *, ch
         except BaseException:
             hashes.stop.set()
             if not journal["shards"]:  # nothing worth resuming: leave no trace
-                _clear(out, everything=False)
-                if created:
-                    out.rmdir()
+                _remove(out, created)
             raise
         shard_list = journal["shards"]
         total = sum(s["tokens"] for s in shard_list)
@@ -305,7 +303,7 @@ def prepare(paths: list[Path], out: Path, settings: Settings = Settings(), *, ch
         counters = journal["resume"]["counters"]
         manifest = _manifest(settings, sources, hashes.result(), counters, shard_list)
         if require_splits and not (manifest["train_tokens"] and manifest["val_tokens"]):
-            _clear(out, everything=False)
+            _remove(out, created)
             val = f"--val-tokens {settings.val_tokens}" if settings.val_tokens else f"--val-fraction {settings.val_fraction}"
             raise UserError(f"the sources hold {total} tokens: {manifest['train_tokens']} train and "
                             f"{manifest['val_tokens']} val with {val}; both splits need tokens: change {val.split()[0]} "
@@ -489,6 +487,13 @@ def _clear(out: Path, everything: bool) -> None:
     for p in out.iterdir():
         if everything or _is_ours(p.name):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _remove(out: Path, created: bool) -> None:
+    """Delete prepare's files in out, and out itself if this run created it."""
+    _clear(out, everything=False)
+    if created:
+        out.rmdir()
 
 
 @contextlib.contextmanager

@@ -53,6 +53,7 @@ class Chunk:
     data: bytes | list  # raw bytes (text, jsonl) or the rows' texts, None for a null value (rows)
     start: int  # text: byte offset in the file; jsonl: number of its first line; rows: its first row in the file
     first: bool = False  # text: the chunk that starts the file's document
+    last: bool = False  # text: the chunk that ends it
     group: int = 0  # rows: the Parquet row group
     progress: int = 0  # bytes of the file it accounts for (the progress bar)
 
@@ -127,22 +128,22 @@ def read_chunks(sources: list[Source], chunk_bytes: int, text_field: str) -> Ite
 
 def _text_chunks(source: Source, chunk_bytes: int, text_field: str) -> Iterator[Chunk]:
     if source.size == 0:
-        yield Chunk(0, 0, "", "text", b"", 0, first=True)  # documents() reports it
+        yield Chunk(0, 0, "", "text", b"", 0, first=True, last=True)  # documents() reports it
         return
-    for offset, data, progress in _pieces(source.path, chunk_bytes, _text_cut):
-        yield Chunk(0, 0, "", "text", data, offset, first=offset == 0, progress=progress)
+    for offset, data, progress, last in _pieces(source.path, chunk_bytes, _text_cut):
+        yield Chunk(0, 0, "", "text", data, offset, first=offset == 0, last=last, progress=progress)
 
 
 def _jsonl_chunks(source: Source, chunk_bytes: int, text_field: str) -> Iterator[Chunk]:
     line = 1
-    for _, data, progress in _pieces(source.path, chunk_bytes, _line_cut):
+    for _, data, progress, _ in _pieces(source.path, chunk_bytes, _line_cut):
         yield Chunk(0, 0, "", "jsonl", data, line, progress=progress)
         line += data.count(b"\n")
 
 
-def _pieces(path: Path, chunk_bytes: int, find_cut) -> Iterator[tuple[int, bytes, int]]:
-    """(offset, bytes, bytes of the file read meanwhile) of consecutive pieces of a file (.gz: decompressed),
-    each about chunk_bytes and ending where find_cut allows (longer if it allows nowhere sooner)."""
+def _pieces(path: Path, chunk_bytes: int, find_cut) -> Iterator[tuple[int, bytes, int, bool]]:
+    """(offset, bytes, bytes of the file read meanwhile, is the last) of consecutive pieces of a file (.gz:
+    decompressed), each about chunk_bytes and ending where find_cut allows (longer if it allows nowhere sooner)."""
     with open(path, "rb") as raw:
         stream = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
         buf, offset, reported = b"", 0, 0
@@ -158,7 +159,7 @@ def _pieces(path: Path, chunk_bytes: int, find_cut) -> Iterator[tuple[int, bytes
                 if cut is None:
                     break  # no place to cut yet: read more
                 position = raw.tell()
-                yield offset, buf[:cut], position - reported
+                yield offset, buf[:cut], position - reported, not block
                 offset, buf, reported = offset + cut, buf[cut:], position
             if not block:
                 return
@@ -244,18 +245,19 @@ def documents(chunk: Chunk, text_field: str) -> tuple[list[tuple[str, bool]], li
 
 
 def _text_documents(chunk: Chunk) -> tuple[list[tuple[str, bool]], list[str]]:
-    """A piece of a text file; a bad piece keeps only its document's start (later pieces continue that document)."""
+    """A piece of a text file; a bad piece keeps only the start of its document if later pieces continue it."""
     raw, path = chunk.data, chunk.path
+    kept = [("", True)] if chunk.first and not chunk.last else []
     nul = raw.find(b"\0")
     if nul >= 0:
         why = f"{path} is not UTF-8 text: NUL byte at offset {chunk.start + nul} (binary or UTF-16?); convert it to UTF-8"
-        return [("", True)] if chunk.first else [], [why]
+        return kept, [why]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         why = (f"{path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {chunk.start + e.start}; "
                "convert it to UTF-8")
-        return [("", True)] if chunk.first else [], [why]
+        return kept, [why]
     if chunk.first:
         text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
         if not text:
