@@ -125,8 +125,9 @@ def write_corpus(work: Path, gb: float, seed: int = 0) -> dict:
     from flax_gpt.data import default_corpus
 
     txt_dir, jsonl_dir = work / "txt", work / "jsonl"
+    shutil.rmtree(work, ignore_errors=True)
     for d in (txt_dir, jsonl_dir):
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(parents=True)
     text = default_corpus().read_text(encoding="utf-8")
     n_docs, part, part_bytes, jf = 0, 0, 0, None
     with open(txt_dir / "corpus.txt", "w", encoding="utf-8") as tf:
@@ -297,7 +298,7 @@ def main():
         for key in ("parent_rss_mb", "worker_rss_mb"):
             base = max(r[key] for r in ours_1)
             summary[f"growth_{key}"] = growth[key] / base - 1
-            print(f"RSS growth {args.gb:g} GB -> {growth['gb']:.1f} GB .txt, {key}: {base:.0f} -> {growth[key]:.0f} MB "
+            print(f"RSS growth {args.gb:g} GB -> {growth['gb']:.2f} GB .txt, {key}: {base:.0f} -> {growth[key]:.0f} MB "
                   f"({growth[key] / base - 1:+.1%})")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")

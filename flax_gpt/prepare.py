@@ -483,7 +483,8 @@ def _is_ours(name: str) -> bool:
 
 
 def _clear(out: Path, everything: bool) -> None:
-    """Delete prepare's files in out (everything: all of out's contents)."""
+    """Delete prepare's files in out (everything: all of out's contents), the manifest first."""
+    (out / MANIFEST).unlink(missing_ok=True)
     for p in out.iterdir():
         if everything or _is_ours(p.name):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -149,11 +149,11 @@ def npy_tokens(path: Path) -> np.ndarray:
 
 def open_token_dir(path: Path) -> TokenData | None:
     """The token data in directory path, recognised by name and content; None if it holds no token files."""
+    if (path / MANIFEST).is_file():  # written last: complete even if a journal was left behind
+        return _open_prepared(path)
     if (path / JOURNAL).exists():
         raise UserError(f"{path} is an unfinished prepare (killed or failed, no {MANIFEST}); re-run the same "
                         "`python -m flax_gpt.prepare` command to finish it")
-    if (path / MANIFEST).is_file():
-        return _open_prepared(path)
     npys = _split_files(path, ".npy")
     if npys["train"] or npys["val"]:
         return _token_data(path, "build-nanogpt", {s: [(f, npy_tokens(f)) for f in files] for s, files in npys.items()})
