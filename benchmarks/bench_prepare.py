@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -178,7 +179,8 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 def run_watched(cmd: list[str], env: dict) -> dict:
-    """Run cmd; wall seconds and the peak RSS of the parent and of each other process of its tree."""
+    """Run cmd; wall and CPU seconds, and the peak RSS of the parent and of each other process of its tree."""
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks: dict[int, float] = {}
@@ -197,8 +199,10 @@ def run_watched(cmd: list[str], env: dict) -> dict:
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run and every process it waited for
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     workers = [mb for pid, mb in peaks.items() if pid != proc.pid]
-    return {"seconds": seconds, "parent_rss_mb": peaks.get(proc.pid, 0.0), "worker_rss_mb": max(workers, default=0.0),
+    return {"seconds": seconds, "cpu_seconds": cpu, "parent_rss_mb": peaks.get(proc.pid, 0.0), "worker_rss_mb": max(workers, default=0.0),
             "processes": len(peaks)}
 
 
@@ -257,9 +261,10 @@ def main():
                 for who in order:
                     r = run_one(who, source, work / "out", args.procs, args.shard_tokens, env)
                     r.update(rep=rep, variant=variant, who=who, mb_per_s=size / 1e6 / r["seconds"],
-                             tokens_per_s=r["tokens"] / r["seconds"])
+                             tokens_per_s=r["tokens"] / r["seconds"], mb_per_cpu_s=size / 1e6 / r["cpu_seconds"])
                     runs.append(r)
                     print(f"rep {rep} {variant:5s} {who:8s} {r['seconds']:6.1f} s {r['mb_per_s']:6.2f} MB/s "
+                          f"(CPU {r['cpu_seconds']:5.0f} s, {r['mb_per_cpu_s']:5.2f} MB per CPU s) "
                           f"{r['tokens_per_s']:10,.0f} tok/s  peak RSS parent {r['parent_rss_mb']:6.0f} MB, "
                           f"largest worker {r['worker_rss_mb']:6.0f} MB ({r['processes']} processes)", flush=True)
         growth = None
@@ -277,16 +282,18 @@ def main():
     summary = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
                "procs": args.procs, "corpus": corpus, "runs": runs, "growth": growth, "ratios": {}}
     print("\n| variant | prepare MB/s | fineweb MB/s | prepare / fineweb (min-max over repeats) | "
-          "peak RSS prepare parent / worker MB | fineweb parent / worker MB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+          "CPU time fineweb / prepare (min-max) | peak RSS prepare parent / worker MB | fineweb parent / worker MB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for variant in sources:
         ours = [r for r in runs if r["variant"] == variant and r["who"] == "prepare"]
         theirs = [r for r in runs if r["variant"] == variant and r["who"] == "fineweb"]
         ratios = [a["mb_per_s"] / b["mb_per_s"] for a, b in zip(ours, theirs)]
-        summary["ratios"][variant] = ratios
+        cpu = [b["cpu_seconds"] / a["cpu_seconds"] for a, b in zip(ours, theirs)]
+        summary["ratios"][variant] = {"throughput": ratios, "cpu": cpu}
         med = lambda rs, k: float(np.median([r[k] for r in rs]))  # noqa: E731
         print(f"| {variant} | {med(ours, 'mb_per_s'):.2f} | {med(theirs, 'mb_per_s'):.2f} | "
               f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+              f"{np.median(cpu):.2f}x ({min(cpu):.2f}-{max(cpu):.2f}) | "
               f"{max(r['parent_rss_mb'] for r in ours):.0f} / {max(r['worker_rss_mb'] for r in ours):.0f} | "
               f"{max(r['parent_rss_mb'] for r in theirs):.0f} / {max(r['worker_rss_mb'] for r in theirs):.0f} |")
     same = {r["sha256"] for r in runs if r["variant"] == "jsonl"}

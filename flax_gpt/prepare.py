@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import tyro
@@ -530,7 +531,8 @@ def write_json(path: Path, value: dict) -> None:
 class PrepareConfig:
     """Tokenize .txt / .jsonl / .jsonl.gz / .parquet files into GPT-2 token shards for train.py --data."""
 
-    sources: tyro.conf.Positional[list[str]]  # SOURCE...: files, or directories (read recursively)
+    sources: tyro.conf.Positional[Annotated[list[str], tyro.conf.arg(
+        metavar="SOURCE...", help=".txt, .jsonl, .jsonl.gz, .parquet files, or directories of them (read recursively)")]]
     out: str  # directory for the shards and manifest.json; an unfinished prepare in it is resumed
     shard_tokens: int = 100_000_000  # tokens per shard file (build-nanogpt: 100M)
     val_tokens: int | None = None  # the first N tokens form the val split; default: the first shard
@@ -547,6 +549,8 @@ class PrepareConfig:
 
 def settings_of(cfg: PrepareConfig) -> Settings:
     """The checked Settings of the command line."""
+    if not cfg.sources:
+        raise UserError("name at least one SOURCE: a .txt, .jsonl, .jsonl.gz or .parquet file, or a directory of them")
     if cfg.shard_tokens < 1 or cfg.chunk_bytes < 1 or (cfg.workers is not None and cfg.workers < 1):
         raise UserError("--shard-tokens, --chunk-bytes and --workers must be >= 1")
     if cfg.val_tokens is not None and cfg.val_fraction is not None:
