@@ -197,24 +197,27 @@ def _parquet_chunks(source: Source, chunk_bytes: int, text_field: str) -> Iterat
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise UserError(f"{path}: column {text_field!r} holds {kind}, not strings; name the text column with --text-field")
     bytes_per_row = source.size / max(1, pf.metadata.num_rows)  # progress: the file's bytes spread over its rows
-    row = 0
+
+    def rows(texts: list, first: int, group: int) -> Chunk:
+        progress = round((first + len(texts)) * bytes_per_row) - round(first * bytes_per_row)
+        return Chunk(0, 0, "", "rows", texts, first, group=group, progress=progress)
+
+    row = 0  # rows of the file before the next chunk
     for group in range(pf.num_row_groups):
-        texts, size, first = [], 0, row
+        texts, size = [], 0
         try:
             for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_field]):
                 column = batch.column(0)
                 texts += column.to_pylist()
                 size += column.nbytes
                 if size >= chunk_bytes:
-                    yield Chunk(0, 0, "", "rows", texts, first, group=group,
-                                progress=round((first + len(texts)) * bytes_per_row) - round(first * bytes_per_row))
-                    first, texts, size = first + len(texts), [], 0
+                    yield rows(texts, row, group)
+                    row, texts, size = row + len(texts), [], 0
         except (pa.ArrowException, OSError) as e:
             raise UserError(f"{path}: row group {group} is unreadable ({e})") from None
         if texts:
-            yield Chunk(0, 0, "", "rows", texts, first, group=group,
-                        progress=round((first + len(texts)) * bytes_per_row) - round(first * bytes_per_row))
-        row = first + len(texts)
+            yield rows(texts, row, group)
+            row += len(texts)
 
 
 def _pyarrow():
