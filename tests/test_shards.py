@@ -72,6 +72,16 @@ def test_prepared_directory_reads_by_its_manifest(tmp_path):
         open_token_dir(tmp_path / "out")
 
 
+def test_evaluate_measures_a_shard_directorys_val_split(tmp_path):
+    from flax_gpt.evaluate import read_tokens, windows
+
+    write_format(tmp_path / "d", "llm.c", {"val": [tokens_of(40, 0), tokens_of(25, 1)], "train": [tokens_of(90, 2)]})
+    tokens = read_tokens(tmp_path / "d")
+    assert np.array_equal(np.asarray(tokens), np.concatenate([tokens_of(40, 0), tokens_of(25, 1)]))
+    assert windows(tokens, 16) == [(0, 16), (16, 16), (32, 16), (48, 16)]  # evaluate_loss reads these slices
+    assert np.array_equal(tokens[32:49], np.asarray(tokens)[32:49])  # one across the two files
+
+
 def test_token_stream_slices_cross_files():
     parts = [tokens_of(n, i) for i, n in enumerate([5, 0, 1, 17, 3])]
     whole, stream = np.concatenate(parts), TokenStream(parts)
