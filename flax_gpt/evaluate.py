@@ -1,4 +1,4 @@
-"""Evaluate a GPT: loss and perplexity over a text file, and HellaSwag accuracy.
+"""Evaluate a GPT: loss and perplexity over a text file or a token shard directory's val split, and HellaSwag.
 
     python -m flax_gpt.evaluate --init-from out --data input.txt
     python -m flax_gpt.evaluate --init-from gpt2 --hellaswag hellaswag_val.jsonl --json scores.json
@@ -35,7 +35,7 @@ class EvalConfig:
     """Evaluate a GPT on a text file (loss, perplexity) and/or HellaSwag-format jsonl."""
 
     init_from: str  # a training out dir or checkpoints dir, an HF GPT-2 directory, or an HF hub id
-    data: str | None = None  # a UTF-8 text file (or a directory of .txt) to measure loss and perplexity on
+    data: str | None = None  # text / .jsonl / .parquet file or directory, or token shards (their val split): loss
     batch_size: int = 8  # windows per batch
     seq_len: int | None = None  # tokens per window; default the model's block_size
     max_batches: int | None = None  # evaluate at most this many batches; default the whole file
@@ -49,19 +49,17 @@ class EvalConfig:
 # ----------------------------------------------------------------------------- loss over a text
 
 
-def read_tokens(path: str | Path) -> np.ndarray:
-    """GPT-2 tokens (N,) int32 of a UTF-8 text file (or a directory's .txt files, EOT between them)."""
-    from flax_gpt.data import decode_text, encode_documents, list_documents
+def read_tokens(path: str | Path):
+    """The tokens to measure: a token shard directory's val split (memory-mapped), else (N,) int32 GPT-2 tokens of
+    a text / JSON Lines / Parquet file or directory, each document starting with <|endoftext|>."""
+    from flax_gpt.prepare import tokenize_paths
+    from flax_gpt.shards import open_token_dir
 
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"--data {path}: no such file")
-    docs = list_documents(path)
-    try:
-        texts = [decode_text(p, p.read_bytes()) for p in docs]
-    except OSError as e:
-        raise UserError(f"--data {path}: cannot read ({e.strerror or e})") from None
-    return encode_documents(texts).astype(np.int32)
+    shards = open_token_dir(path) if path.is_dir() else None
+    return shards.val if shards is not None else tokenize_paths([path]).astype(np.int32)
 
 
 def windows(tokens: np.ndarray, seq_len: int) -> list[tuple[int, int]]:

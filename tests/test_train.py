@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from flax_gpt.optim import OptimConfig, lr_at
-from train_runs import (COMMON, CTRL_C_CKPT_INTERVAL, LONG, LONG_STEPS, PYTHON, SHORT, SIGNAL_AT_STEP, TRAIN_PY,
-                        Result, Spec, assert_one_error_line, assert_refused, ckpt_steps, corpus_text, needs, read_records,
-                        scheduled_runs, snapshot, train_losses, val_losses, with_args, work_dir)
+from train_runs import (COMMON, CTRL_C_CKPT_INTERVAL, LONG, LONG_STEPS, PYTHON, SHORT, SIGNAL_AT_STEP, TRAIN_PY, Spec,
+                        assert_one_error_line, assert_refused, check_exact_resume, ckpt_steps, corpus_text, needs,
+                        read_records, scheduled_runs, snapshot, train_losses, val_losses, with_args, work_dir)
 
 HF_SCRIPT = """
 import sys, torch
@@ -38,7 +38,7 @@ def make_specs(work: Path) -> dict[str, Spec]:
         return lambda: {"ckpts": ckpt_steps(work / out), "records": read_records(work / out)}
 
     return {  # plan order, 2 at a time: a20 compiles the shapes most runs share while cheap runs go beside it
-        "a20": Spec([*LONG, "--out-dir", "a20"]),
+        "a20": Spec([*LONG, "--out-dir", "a20"], before=lambda: {"out": "a20"}),
         "hf_model": Spec([PYTHON, "-c", HF_SCRIPT, str(work / "hf_model")], command=True),
         "err_binary": Spec(with_args(COMMON, ["--data", "binary.dat", "--out-dir", "err_binary"])),
         "err_metal": Spec([*COMMON, "--device", "metal", "--out-dir", "err_metal"]),
@@ -102,7 +102,7 @@ def short_text_case(tmp: Path):
 
     text = "To be, or not to be: that is the question.\n"
     (tmp / "short.txt").write_text(text)
-    n = len(get_encoding().encode_ordinary(text))
+    n = 1 + len(get_encoding().encode_ordinary(text))  # <|endoftext|> + the text
     n_train = n - int(n * 0.1)  # prepare() keeps the last 10% for validation
     return ["--data", "short.txt"], [f"{n_train} tokens", "2*16+1 = 33"]
 
@@ -237,32 +237,6 @@ def test_resume_refusals_change_nothing(extra, fragments, runs, work, cli, tmp_p
     for fragment in fragments:
         assert fragment in line, (fragment, line)
     assert snapshot(tmp_path).items() >= before.items()
-
-
-def check_exact_resume(reference: Result, interrupted: Result, resumed: Result, out: Path) -> int:
-    """The resumed run's metrics equal the uninterrupted ones step for step; returns the resume step."""
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    resume_step = max(interrupted.extra["ckpts"])
-    assert 0 < resume_step < LONG_STEPS, interrupted.extra["ckpts"]
-    assert f"done: {LONG_STEPS - resume_step} steps" in resumed.stdout, resumed.stdout  # continued from there
-    assert f"checkpoint {out.name}/checkpoints/{LONG_STEPS}" in resumed.stdout
-
-    ref, got = read_records(reference_dir := out.parent / "a20"), read_records(out)
-    assert reference_dir.is_dir()
-    # records before the checkpoint step are the interrupted process's own, kept as written
-    kept = [r for r in interrupted.extra["records"] if r["step"] < resume_step]
-    assert got[: len(kept)] == kept
-    for key in ("loss", "grad_norm", "lr"):
-        a = {r["step"]: r[key] for r in ref if key in r}
-        b = {r["step"]: r[key] for r in got if key in r}
-        assert sorted(b) == list(range(LONG_STEPS))
-        # exact, measured: max |diff| 0.0 for every step's loss, grad_norm, lr and val loss (fp32 on CPU)
-        assert b == a, (key, {s: (a[s], b[s]) for s in a if a[s] != b.get(s)})
-    assert val_losses(got) == val_losses(ref)
-    assert sorted(val_losses(got)) == [0, 5, 10, 15, 20]
-    assert ckpt_steps(out)[-1] == LONG_STEPS
-    return resume_step
 
 
 @needs("a20", "b_kill", "b_resume")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -134,6 +135,7 @@ class Spec:
     deps: tuple[str, ...] = ()  # runs that must have finished first
     later_than: tuple[str, ...] = ()  # runs to let finish first if they run at all (compile cache reuse)
     signal_at: tuple[int, str, bool] | None = None  # (signal, out dir, wait for a checkpoint): see _reap
+    group: bool = False  # a command that starts processes of its own: signals go to its whole process group
     before: Callable[[], dict] | None = None  # called just before the start; its dict lands in Result.extra
     after: Callable[[], dict] | None = None  # called right after the end (before dependents start)
     command: bool = False
@@ -213,7 +215,7 @@ class Scheduler:
             cmd = spec.argv if spec.command else [PYTHON, str(TRAIN_PY), *spec.argv]
             out = open(self.cwd / f"{name}.stdout", "w"), open(self.cwd / f"{name}.stderr", "w")
             proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=out[0], stderr=out[1],
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, start_new_session=spec.group)
             self.running[name] = (proc, out, time.perf_counter(), extra, [None])
 
     def _reap(self):
@@ -225,10 +227,10 @@ class Scheduler:
                 # SIGKILL also waits for a complete checkpoint: orbax writes in the background, and a run
                 # killed before its first checkpoint lands has nothing to resume from (--resume says so)
                 if steps and max(steps) >= SIGNAL_AT_STEP and (ckpt_steps(self.cwd / out_dir) or not need_ckpt):
-                    proc.send_signal(sig)
+                    os.killpg(proc.pid, sig) if spec.group else proc.send_signal(sig)
                     signalled[0] = max(steps)
             if proc.poll() is None and time.perf_counter() - t0 > MAX_SECONDS:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL) if spec.group else proc.kill()
             if proc.poll() is None:
                 continue
             for f in out:
@@ -279,3 +281,29 @@ def start_runs(specs: dict[str, Spec], work: Path, request) -> Scheduler:
             break
         wanted |= more
     return Scheduler(specs, wanted, work, env, slots=min(2, os.cpu_count() or 1))
+
+
+def check_exact_resume(reference: Result, interrupted: Result, resumed: Result, out: Path) -> int:
+    """The resumed run's metrics equal the uninterrupted (reference) run's step for step; returns the resume step."""
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume_step = max(interrupted.extra["ckpts"])
+    assert 0 < resume_step < LONG_STEPS, interrupted.extra["ckpts"]
+    assert f"done: {LONG_STEPS - resume_step} steps" in resumed.stdout, resumed.stdout  # continued from there
+    assert f"checkpoint {out.name}/checkpoints/{LONG_STEPS}" in resumed.stdout
+
+    ref, got = read_records(reference_dir := out.parent / reference.extra["out"]), read_records(out)
+    assert reference_dir.is_dir()
+    # records before the checkpoint step are the interrupted process's own, kept as written
+    kept = [r for r in interrupted.extra["records"] if r["step"] < resume_step]
+    assert got[: len(kept)] == kept
+    for key in ("loss", "grad_norm", "lr"):
+        a = {r["step"]: r[key] for r in ref if key in r}
+        b = {r["step"]: r[key] for r in got if key in r}
+        assert sorted(b) == list(range(LONG_STEPS))
+        # exact, measured: max |diff| 0.0 for every step's loss, grad_norm, lr and val loss (fp32 on CPU)
+        assert b == a, (key, {s: (a[s], b[s]) for s in a if a[s] != b.get(s)})
+    assert val_losses(got) == val_losses(ref)
+    assert sorted(val_losses(got)) == [0, 5, 10, 15, 20]
+    assert ckpt_steps(out)[-1] == LONG_STEPS
+    return resume_step
