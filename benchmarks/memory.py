@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt import GPT, ops, preset
-from flax_gpt.model import cross_entropy
 from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
 from flax_gpt.sharding import param_spec
 from flax_gpt.train import RUN_PRESETS
@@ -68,11 +67,10 @@ def loss_temp_bytes(config, batch: int, seq_len: int, chunked: bool) -> int:
     x = jax.ShapeDtypeStruct((batch, seq_len, config.n_embd), jnp.float32)
     wte = jax.ShapeDtypeStruct((config.padded_vocab_size, config.n_embd), jnp.float32)
     y = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-    V, Vp = config.vocab_size, config.padded_vocab_size
+    V = config.vocab_size
 
     def plain(x, wte, y):  # the model's forward without the trunk: (B, T, Vp) float32 logits, plain autodiff
-        logits = jnp.dot(x.astype(config.dtype), wte.astype(config.dtype).T, preferred_element_type=jnp.float32)
-        return cross_entropy(logits + jnp.where(jnp.arange(Vp) < V, 0.0, -jnp.inf), y)
+        return ops.cross_entropy(ops.tied_logits(x, wte, V, config.dtype), y)
 
     def chunks(x, wte, y):
         return ops.lm_head_loss(x, wte, y, V, config.dtype)

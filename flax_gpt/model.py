@@ -17,51 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt.config import GPTConfig
-from flax_gpt.ops import after, causal_attention, gelu, layer_norm, lm_head_loss
+from flax_gpt.ops import (causal_attention, cross_entropy, gelu, layer_norm, lm_head_loss,  # noqa: F401
+                          low_precision_matmul, matmul, tied_logits)
 
 INIT_STD = 0.02
-
-
-@jax.custom_vjp
-def low_precision_matmul(x, w):
-    """x (..., K) in a 16-bit compute dtype @ w (K, N) rounded to it, accumulated and returned in float32.
-
-    The backward pass multiplies in that dtype too (the cotangent is rounded to it, as under torch autocast),
-    so all three matmuls of a layer run on bf16 x bf16 -> f32 kernels; plain autodiff would get a float32
-    cotangent from the float32 output and run both backward matmuls in float32. It keeps w as given
-    (the float32 parameter, alive anyway) and rounds it again, rather than keeping a bf16 copy.
-    """
-    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # (..., N)
-
-
-def _low_precision_matmul_fwd(x, w):
-    return low_precision_matmul(x, w), (x, w)
-
-
-def _low_precision_matmul_bwd(saved, g):
-    x, w = after(g, *saved)
-    g = g.astype(x.dtype)  # (..., N)
-    dx = jnp.dot(g, w.astype(x.dtype).T, preferred_element_type=jnp.float32)  # (..., K)
-    batch_axes = tuple(range(x.ndim - 1))
-    dw = jnp.tensordot(x, g, axes=(batch_axes, batch_axes), preferred_element_type=jnp.float32)  # (K, N)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
-
-
-def matmul(x, w, dtype: str, output: str = "float32"):
-    """x @ w in the compute dtype, result in float32; float32 compute is a plain dot.
-
-    output="compute" (GPTConfig.matmul_output): a 16-bit dot returns the compute dtype, cast to float32 after,
-    for backends that do not honour preferred_element_type; autodiff then runs the backward dots in 16 bits too.
-    """
-    x = x.astype(dtype)
-    if jnp.dtype(dtype) == jnp.float32:
-        return jnp.dot(x, w.astype(dtype))
-    if output == "compute":
-        return jnp.dot(x, w.astype(dtype)).astype(jnp.float32)  # (..., N)
-    return low_precision_matmul(x, w)
 
 
 class Linear(nnx.Linear):
@@ -244,11 +203,8 @@ class GPT(nnx.Module):
         (50304 columns ran twice as fast as 50257 on XLA:CPU, see BENCHMARKS.md); -inf makes the padding
         drop out of every softmax exactly.
         """
-        V, Vp = self.config.vocab_size, self.config.padded_vocab_size
-        logits = matmul(x, self.wte.embedding.T, self.config.dtype, self.config.matmul_output)  # (B, T, Vp)
-        if Vp > V:
-            logits = logits + jnp.where(jnp.arange(Vp) < V, 0.0, -jnp.inf)  # (Vp,) broadcast
-        return logits
+        c = self.config
+        return tied_logits(x, self.wte.embedding[...], c.vocab_size, c.dtype, c.matmul_output)  # (B, T, Vp)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **overrides) -> "GPT":
@@ -267,17 +223,6 @@ class GPT(nnx.Module):
         """Parameter count; like nanoGPT, position embeddings are left out by default."""
         n = sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
         return n - self.wpe.embedding.size if non_embedding else n
-
-
-def cross_entropy(logits, targets):
-    """Mean next-token cross entropy in float32: logits (B, T, V or Vp), targets (B, T).
-
-    logsumexp minus the target's logit: the same value as log_softmax then pick, without writing the
-    (B, T, V) log-probabilities out (lm_head + loss measured 15-22% faster on CPU for GPT-2's vocabulary).
-    """
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # (B, T)
-    return (jax.nn.logsumexp(logits, axis=-1) - picked).mean()
 
 
 def _padded_normal_init(n_real_rows: int):

@@ -181,12 +181,12 @@ def jit_vs_eager(shape: str) -> Measurement:
 @contextlib.contextmanager
 def small_blocks(attention_block: int = 8, loss_chunk: int = 16):
     """ops' attention blocks and loss chunks made small: tiny sequences then run several, the last one padded."""
-    saved = ops.ATTENTION_BLOCK, ops.LOSS_CHUNK
-    ops.ATTENTION_BLOCK, ops.LOSS_CHUNK = attention_block, loss_chunk
+    saved = ops.ATTENTION_BLOCK, ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS
+    ops.ATTENTION_BLOCK, ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS = attention_block, loss_chunk, loss_chunk
     try:
         yield
     finally:
-        ops.ATTENTION_BLOCK, ops.LOSS_CHUNK = saved
+        ops.ATTENTION_BLOCK, ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS = saved
 
 
 def flax_grads(model: GPT, idx: np.ndarray, training_loss: bool = True) -> dict[str, np.ndarray]:
