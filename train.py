@@ -13,7 +13,7 @@ import sys
 def main(argv=None) -> int:
     import tyro
 
-    from flax_gpt.errors import UserError
+    from flax_gpt.errors import run_cli
     from flax_gpt.host_memory import jax_runs_on_cpu, keep_freed_memory
     from flax_gpt.train import TrainConfig, run
 
@@ -21,13 +21,9 @@ def main(argv=None) -> int:
     cfg = tyro.cli(TrainConfig, args=argv, description=__doc__)
     if jax_runs_on_cpu(cfg.device):
         keep_freed_memory()  # before JAX starts its threads: CPU steps reuse freed memory instead of faulting it in
-    try:
-        summary = run(cfg)
-    except UserError as e:
-        if cfg.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary, code = run_cli(lambda: run(cfg), cfg.debug)
+    if code:
+        return code
     if not summary["is_main"]:  # one process of several: process 0 reports
         return 130 if summary["interrupted"] else 0
     vals = summary["val_losses"]

@@ -1,5 +1,18 @@
-"""The one exception type for mistakes a user can fix (bad paths, sizes, names)."""
+"""The one exception type for mistakes a user can fix (bad paths, sizes, names), and how CLIs report it."""
+
+import sys
 
 
 class UserError(Exception):
     """A problem with the user's input; CLIs print its message in one line and exit 2."""
+
+
+def run_cli(action, debug: bool = False):
+    """(action(), None), or (None, 2) after printing a UserError as one `error: ...` line; --debug re-raises it."""
+    try:
+        return action(), None
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return None, 2

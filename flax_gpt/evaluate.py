@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from flax_gpt.errors import UserError
+from flax_gpt.errors import UserError, run_cli
 
 N_ENDINGS = 4
 
@@ -325,13 +325,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     cfg = tyro.cli(EvalConfig, args=argv, description=__doc__, prog="python -m flax_gpt.evaluate")
-    try:
-        results = run(cfg)
-    except UserError as e:
-        if cfg.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results, code = run_cli(lambda: run(cfg), cfg.debug)
+    if code:
+        return code
     print(format_table(results))
     return 0
 

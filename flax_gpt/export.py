@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from flax_gpt.errors import UserError
+from flax_gpt.errors import UserError, run_cli
 from flax_gpt.hf import config_to_hf, to_hf_state_dict
 from flax_gpt.model import GPT
 
@@ -147,16 +147,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="write into a non-empty directory that is not a previous export")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = parser.parse_args(argv)
-    try:
-        from flax_gpt.load import load_model
+    from flax_gpt.load import load_model
 
+    def export():
         model = load_model(args.ckpt_dir)
-        result = save_pretrained(model, args.out_dir, overwrite=args.overwrite)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return model, save_pretrained(model, args.out_dir, overwrite=args.overwrite)
+
+    exported, code = run_cli(export, args.debug)
+    if code:
+        return code
+    model, result = exported
     c = model.config
     print(f"wrote {result['out_dir']}: {', '.join(sorted(result['files']))}")
     print(f"{result['n_params']:,} params ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "

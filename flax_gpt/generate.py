@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from flax_gpt import devices
-from flax_gpt.errors import UserError
+from flax_gpt.errors import UserError, run_cli
 from flax_gpt.model import GPT
 
 PROMPT_BUCKET = 64
@@ -162,7 +162,8 @@ def main(argv=None) -> int:
     from flax_gpt.tokenizer import get_encoding
 
     cfg = tyro.cli(GenerateConfig, args=argv, description=__doc__)
-    try:
+
+    def sample_all() -> None:
         if cfg.num_samples < 1:
             raise UserError(f"--num-samples must be at least 1, got {cfg.num_samples}")
         dtype, numerics = devices.model_numerics(cfg.dtype, cfg.attention)
@@ -177,13 +178,8 @@ def main(argv=None) -> int:
             tokens = stream(model, [prompt_ids], cfg.max_new_tokens, temperature=cfg.temperature,
                             top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed + k)
             _print_stream(enc, prompt_ids, tokens, sys.stdout)
-    except UserError as e:
-        if cfg.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
+    return run_cli(sample_all, cfg.debug)[1] or 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

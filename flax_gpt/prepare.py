@@ -48,7 +48,7 @@ import numpy as np
 import tyro
 
 from flax_gpt import sources as src
-from flax_gpt.errors import UserError
+from flax_gpt.errors import UserError, run_cli
 from flax_gpt.shards import (JOURNAL, MANIFEST, PREPARE_FORMAT, SHARD_NAME, TOKEN_DTYPE, NpyWriter, npy_tokens,
                              shard_name, write_atomic)
 from flax_gpt.tokenizer import EOT, get_encoding
@@ -589,15 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = tyro.cli(PrepareConfig, args=argv, description=__doc__, prog="python -m flax_gpt.prepare")
     try:
-        result = run(cfg)
-    except UserError as e:
-        if cfg.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        result, code = run_cli(lambda: run(cfg), cfg.debug)
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    if code:
+        return code
     print(summary(cfg, result))
     skipped = result.manifest["skipped_documents"]
     if skipped:
