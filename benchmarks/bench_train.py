@@ -49,7 +49,7 @@ def time_rounds(steps: dict, n_warmup: int, n_rounds: int) -> dict[str, list[flo
     return times
 
 
-CUDNN_REL_BOUND = 2e-2  # bf16 attention, cuDNN vs XLA, norm(diff)/norm(ref): DESIGN.md's bf16 bound
+CUDNN_REL_BOUND = 2e-2  # bf16 attention, cuDNN vs XLA, norm(diff)/norm(ref): the parity table's bf16 bound (parity_tests/checks.py BF16_REL)
 
 
 def relative(a, b) -> float:

@@ -1,7 +1,7 @@
 """Parity measurements shared by the tests and `python -m parity_tests.report`.
 
 Each check builds its models from a tiny random HF GPT-2 (see checkpoints.py), measures one
-error and returns it with its bound from DESIGN.md. The tests assert `value <= bound`; the
+error and returns it with its bound (the table below). The tests assert `value <= bound`; the
 report prints the same numbers.
 """
 
@@ -30,7 +30,7 @@ from flax_gpt import GPT, ops  # noqa: E402
 from flax_gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from parity_tests.checkpoints import SHAPES_BY_NAME, make_hf_model, save_checkpoint  # noqa: E402
 
-# Bounds from DESIGN.md's tolerance table; a bound changes only with a measured reason beside it.
+# The parity tolerance table: a bound changes only with a measured reason beside it.
 LOGITS_MAX_ABS = 1e-5
 LOSS_REL = 1e-6
 GRAD_REL = 1e-5

@@ -1,7 +1,7 @@
 """torch_ref against HuggingFace transformers' GPT-2: logits, loss, loading, schedule, train step.
 
 No JAX here: these tests make torch_ref a trustworthy reference before flax_gpt is compared to it.
-Bounds are DESIGN.md's fp32 parity tolerances.
+Bounds are the fp32 parity tolerances of parity_tests/checks.py.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from flax_gpt.load import load_model  # noqa: E402
 from flax_gpt.model import GPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-LOGITS_BOUND = 1e-5  # DESIGN.md: flax vs transformers, tiny random models with O(1) logits
+LOGITS_BOUND = 1e-5  # parity_tests/checks.py LOGITS_MAX_ABS: flax vs transformers, tiny random models with O(1) logits
 
 
 @pytest.fixture(autouse=True, scope="module")
