@@ -128,6 +128,7 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 def _attend_rows(q, k, v, start):
     """Queries q (B, Tq, nh, hs) at positions start.. attend to keys k, v (B, T, nh, hs) at or before them."""
+    (start,) = after(q, start)  # else JAX's remat saves this mask, broadcast to (n, B, nh, Tq, T), as a residual
     visible = jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(q.shape[1])[:, None]  # (Tq, T)
     return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation="xla")  # (B, Tq, nh, hs)
 
