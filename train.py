@@ -3,7 +3,8 @@
     python train.py --preset tiny                      # a test run, seconds
     python train.py --data my.txt --max-steps 1000     # your text
     python train.py --init-from gpt2 --data my.txt     # fine-tune GPT-2 (online or HF cache)
-    python train.py --resume                           # continue out/ from its last checkpoint
+    python train.py --resume                           # continue out/ from its last checkpoint, with its flags
+    python train.py --resume --extend-steps 200        # train a finished run on, at its final learning rate
     python train.py --help                             # every flag
 """
 
@@ -15,13 +16,13 @@ def main(argv=None) -> int:
 
     from flax_gpt.errors import run_cli
     from flax_gpt.host_memory import jax_runs_on_cpu, keep_freed_memory
-    from flax_gpt.train import TrainConfig, run
+    from flax_gpt.train import TrainConfig, given_fields, run
 
     argv = sys.argv[1:] if argv is None else argv
     cfg = tyro.cli(TrainConfig, args=argv, description=__doc__)
     if jax_runs_on_cpu(cfg.device):
         keep_freed_memory()  # before JAX starts its threads: CPU steps reuse freed memory instead of faulting it in
-    summary, code = run_cli(lambda: run(cfg), cfg.debug)
+    summary, code = run_cli(lambda: run(cfg, given_fields(argv)), cfg.debug)
     if code:
         return code
     if not summary["is_main"]:  # one process of several: process 0 reports

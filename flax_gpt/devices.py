@@ -78,12 +78,51 @@ def select_device(device: str) -> str:
                         "on a machine with an NVIDIA driver; for metal: jax-mps on macOS 14+ on Apple silicon)") from None
 
 
-def compute_dtype(dtype: str, platform: str) -> str:
-    """--dtype: auto is bf16 on accelerators and fp32 on the CPU (where exact resume is tested and bf16 pays only
-    on CPUs with native bf16 dot instructions)."""
+def compute_dtype(dtype: str, platform: str, training: bool = False) -> str:
+    """--dtype: auto is bf16 on accelerators; on the CPU, fp32, except for training on a CPU with bf16 dot
+    instructions (bf16 steps are faster there; evaluation and sampling keep fp32's accuracy)."""
     if dtype == "auto":
-        return "float32" if platform == "cpu" else "bfloat16"
-    return {"bf16": "bfloat16", "fp32": "float32"}[dtype]
+        return "bfloat16" if platform != "cpu" or (training and cpu_has_bf16_dots()) else "float32"
+    return {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32"}[dtype]
+
+
+def cpu_has_bf16_dots(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this x86 CPU has native bf16 dot products (AVX512_BF16 or AMX-BF16), read from Linux's cpuinfo."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def enable_compile_cache() -> None:
+    """Keep compiled programs under $FLAX_GPT_CACHE/xla, so a rerun with the same shapes skips compiling.
+
+    JAX_COMPILATION_CACHE_DIR, when set, wins; an unwritable cache directory only means compiling every time.
+    """
+    import jax
+
+    from flax_gpt.data import cache_dir
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    xla_cache = cache_dir() / "xla"
+    try:
+        xla_cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(xla_cache))
+
+
+def host_device():
+    """A CPU device of this process, where loaded weights wait (None if JAX runs without its CPU backend)."""
+    import jax
+
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
 
 
 def model_numerics(dtype_flag: str, attention_flag: str) -> tuple[str, dict]:

@@ -282,6 +282,7 @@ def run(cfg: EvalConfig) -> dict:
 
     from flax_gpt import devices
     from flax_gpt.load import load_model
+    devices.enable_compile_cache()
     dtype, numerics = devices.model_numerics(cfg.dtype, cfg.attention)
     model = load_model(cfg.init_from, dtype, **numerics)
     c = model.config

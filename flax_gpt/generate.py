@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     def sample_all() -> None:
         if cfg.num_samples < 1:
             raise UserError(f"--num-samples must be at least 1, got {cfg.num_samples}")
+        devices.enable_compile_cache()
         dtype, numerics = devices.model_numerics(cfg.dtype, cfg.attention)
         model = load_model(cfg.init_from, dtype=dtype, **numerics)
         enc = get_encoding()

@@ -1,15 +1,25 @@
-"""The training run behind `python train.py`: data, model, jitted steps, eval, checkpoints, plots."""
+"""The training run behind `python train.py`, in the order it happens:
+
+    TrainConfig, RUN_PRESETS   the flags and the recipes that fill the ones not given
+    restored_config            on --resume: the run's own flags from its checkpoint, refusing contradicting ones
+    setup                      device, data, model and optimizer state, jitted steps, checkpoints, logs
+    train                      the step loop: eval + sample, one optimizer step, checkpoint, stop on Ctrl-C
+    StepRecorder               each step's metrics -> metrics.jsonl, the progress bar, the log line; divergence
+    run                        all of it, then the loss plot and a summary
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,17 +33,19 @@ from flax_gpt.errors import UserError
 class TrainConfig:
     """Train a GPT-2 on a text corpus (defaults come from --preset; every field is a flag)."""
 
-    preset: str = "small"  # run recipe: tiny (seconds), small (CPU, ~5 min), gpt2 (124M, build-nanogpt's GPU run)
+    preset: str = "small"  # run recipe: tiny | small | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (see README)
     data: str | None = None  # token shards dir or .txt/.jsonl/.parquet file(s); default ./input.txt, else Shakespeare
     out_dir: str = "out"  # checkpoints/, metrics.jsonl and loss.png go here
-    init_from: str = "scratch"  # scratch | an HF hub id (gpt2, ...) | an HF directory | a checkpoint directory
-    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    init_from: str | None = None  # scratch | an HF hub id (gpt2, ...) | an HF directory | a run; default: the preset's
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint, with that run's own flags
+    extend_steps: int = 0  # with --resume: train this many steps past the run's --max-steps, at its final lr
     max_steps: int | None = None  # optimizer steps
+    decay_steps: int | None = None  # the cosine reaches min_lr here and stays there (nanoGPT's lr_decay_iters); default max_steps
     batch_size: int | None = None  # sequences per micro batch (B)
     seq_len: int | None = None  # tokens per sequence (T), at most the model's block_size
     total_batch_size: int | None = None  # tokens per optimizer step; a multiple of B*T (gradient accumulation)
     lr: float | None = None  # max learning rate
-    min_lr_ratio: float = 0.1  # min_lr = lr * min_lr_ratio, reached at max_steps
+    min_lr_ratio: float = 0.1  # min_lr = lr * min_lr_ratio, reached at decay_steps
     warmup_steps: int | None = None
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -46,20 +58,30 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "metal"] = "auto"
     sharding: Literal["auto", "none", "dp", "fsdp"] = "auto"  # auto: dp when more than one device is visible
     remat: bool = False  # recompute block activations in the backward pass: less memory, ~1/3 more compute
-    scan_layers: bool = False  # rolled layer loop: compile time flat in depth (gpt2-xl fwd+bwd 1.3 s, not 11 s), slower steps
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype; auto: bf16 on GPU/TPU, fp32 on CPU
+    scan_layers: bool = False  # rolled layer loop: compile time flat in depth, slower steps
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype; auto: bf16 on GPUs and on CPUs with bf16 dot instructions
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN flash attention on CUDA in bf16, else XLA's
     n_layer: int | None = None  # model overrides of the preset's shape (scratch runs only)
     n_head: int | None = None
     n_embd: int | None = None
     block_size: int | None = None
     progress: bool = True  # show a progress bar
+    log_interval: int | None = None  # steps between 'step | loss | lr | norm | dt | tok/s' lines; default: every step without a bar
     debug: bool = False  # show tracebacks instead of one-line errors
+
+
+# Flags that define a run: --resume takes them from the checkpoint and refuses a command line that contradicts them.
+# The others (intervals, sampling, progress, memory and speed settings) may change between sessions.
+# (The model's shape flags are checked against the checkpoint's model, which names the fields that differ.)
+RUN_FIELDS = ("preset", "data", "init_from", "max_steps", "decay_steps", "batch_size", "seq_len", "total_batch_size",
+              "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "seed", "dtype")
+NOT_RESTORED = ("out_dir", "resume", "extend_steps", "device", "sharding", "debug")  # this session's own
 
 
 @dataclasses.dataclass(frozen=True)
 class RunPreset:
     model: str
+    init_from: str
     batch_size: int
     seq_len: int
     total_batch_size: int
@@ -71,13 +93,23 @@ class RunPreset:
     ckpt_interval: int
 
 
+def _fine_tune(model: str, batch_size: int) -> RunPreset:
+    """nanoGPT's fine-tuning recipe (finetune_shakespeare.py) for the larger GPT-2s: their HF weights, 32 x 1024
+    tokens per step, lr 3e-5; the micro batch is what fits one 80 GB GPU with its AdamW state."""
+    return RunPreset(model, init_from=model, batch_size=batch_size, seq_len=1024, total_batch_size=32 * 1024,
+                     max_steps=200, lr=3e-5, warmup_steps=10, eval_interval=25, eval_batches=20, ckpt_interval=100)
+
+
 RUN_PRESETS = {
-    "tiny": RunPreset("tiny", batch_size=8, seq_len=64, total_batch_size=512, max_steps=40, lr=3e-3,
+    "tiny": RunPreset("tiny", "scratch", batch_size=8, seq_len=64, total_batch_size=512, max_steps=40, lr=3e-3,
                       warmup_steps=4, eval_interval=20, eval_batches=2, ckpt_interval=20),
-    "small": RunPreset("small", batch_size=8, seq_len=128, total_batch_size=1024, max_steps=350, lr=2e-3,
+    "small": RunPreset("small", "scratch", batch_size=8, seq_len=128, total_batch_size=1024, max_steps=350, lr=2e-3,
                        warmup_steps=20, eval_interval=50, eval_batches=8, ckpt_interval=100),
-    "gpt2": RunPreset("gpt2", batch_size=64, seq_len=1024, total_batch_size=524288, max_steps=19073, lr=6e-4,
-                      warmup_steps=715, eval_interval=250, eval_batches=20, ckpt_interval=5000),
+    "gpt2": RunPreset("gpt2", "scratch", batch_size=64, seq_len=1024, total_batch_size=524288, max_steps=19073,
+                      lr=6e-4, warmup_steps=715, eval_interval=250, eval_batches=20, ckpt_interval=5000),
+    "gpt2-medium": _fine_tune("gpt2-medium", batch_size=16),
+    "gpt2-large": _fine_tune("gpt2-large", batch_size=8),
+    "gpt2-xl": _fine_tune("gpt2-xl", batch_size=4),
 }
 
 
@@ -86,16 +118,19 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.preset not in RUN_PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of: {', '.join(RUN_PRESETS)}")
     base = RUN_PRESETS[cfg.preset]
-    filled = {f: getattr(base, f) for f in ("batch_size", "seq_len", "max_steps", "lr", "warmup_steps",
+    filled = {f: getattr(base, f) for f in ("init_from", "batch_size", "seq_len", "max_steps", "lr", "warmup_steps",
                                              "eval_interval", "eval_batches", "ckpt_interval")
               if getattr(cfg, f) is None}
     cfg = dataclasses.replace(cfg, **filled)
-    for name in ("max_steps", "batch_size", "seq_len", "total_batch_size", "eval_interval", "eval_batches",
-                 "ckpt_interval", "keep_checkpoints"):
+    cfg = dataclasses.replace(cfg, decay_steps=cfg.decay_steps or cfg.max_steps)
+    for name in ("max_steps", "decay_steps", "batch_size", "seq_len", "total_batch_size", "eval_interval",
+                 "eval_batches", "ckpt_interval", "keep_checkpoints", "log_interval"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.warmup_steps < 0 or cfg.sample_tokens < 0:
-        raise UserError("--lr must be positive and --warmup-steps, --sample-tokens non-negative")
+    if cfg.lr <= 0 or cfg.warmup_steps < 0 or cfg.sample_tokens < 0 or cfg.extend_steps < 0:
+        raise UserError("--lr must be positive and --warmup-steps, --sample-tokens, --extend-steps non-negative")
+    if cfg.extend_steps and not cfg.resume:
+        raise UserError("--extend-steps continues a run: use it with --resume")
     grad_accum_steps(cfg)  # raises early if the tokens per step are not a whole number of micro batches
     return cfg
 
@@ -116,23 +151,85 @@ def grad_accum_steps(cfg: TrainConfig, process_count: int = 1) -> int:
     return total // per_micro
 
 
-def enable_compile_cache() -> None:
-    """Keep compiled steps under $FLAX_GPT_CACHE/xla, so a rerun skips compiling (gpt2 fp32: 4.7 -> 0.3 s).
+def given_fields(argv: list[str]) -> set[str]:
+    """The TrainConfig fields set on a command line (`--lr 1e-3`, `--lr=1e-3`, `--no-progress`)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = set()
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            given.add(name if name in names else name.removeprefix("no_"))
+    return given & names
 
-    JAX_COMPILATION_CACHE_DIR, when set, wins; an unwritable cache directory only means compiling every time.
-    """
-    import jax
 
-    from flax_gpt.data import cache_dir
+def changed_fields(cfg: TrainConfig) -> set[str]:
+    """The fields of cfg that differ from TrainConfig's defaults: the given ones when no command line is known."""
+    default = TrainConfig()
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
 
-    if jax.config.jax_compilation_cache_dir:
-        return
-    xla_cache = cache_dir() / "xla"
-    try:
-        xla_cache.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(xla_cache))
+
+# ----------------------------------------------------------------------------- --resume
+
+
+def restored_config(cfg: TrainConfig, given: set[str], saved: dict, where: Path, platform: str) -> TrainConfig:
+    """cfg with the fields not given taken from the checkpoint's train_config; a given run-defining flag that
+    contradicts the checkpoint is a one-line refusal naming both values."""
+    restored = {}
+    for name, saved_value in saved.items():
+        if not hasattr(cfg, name) or name in NOT_RESTORED:
+            continue
+        if name not in given:
+            restored[name] = saved_value
+        elif name in RUN_FIELDS and _normal(name, getattr(cfg, name), platform) != _normal(name, saved_value, platform):
+            was = saved_value if saved_value is not None else "not set: the preset's"
+            raise UserError(f"--resume: --{name.replace('_', '-')} {getattr(cfg, name)} contradicts the run in {where} "
+                            f"({was}); drop the flag to continue that run as it was"
+                            + (_extend_hint(saved) if name == "max_steps" else ", or start a new run with --out-dir"))
+    cfg = dataclasses.replace(cfg, **restored)
+    if cfg.extend_steps:  # the cosine keeps its length: the new steps run at min_lr, as nanoGPT past lr_decay_iters
+        cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps + cfg.extend_steps,
+                                  decay_steps=saved.get("decay_steps") or saved.get("max_steps"))
+    return cfg
+
+
+def _normal(name: str, value, platform: str):
+    """A flag's value in the form it is compared in: --data as an absolute path, --dtype resolved for training."""
+    if name == "data" and value is not None:
+        return str(Path(value).expanduser().resolve())
+    if name == "dtype":
+        return devices.compute_dtype(value, platform, training=True)
+    return value
+
+
+def _extend_hint(saved: dict) -> str:
+    final_lr = saved.get("lr", 0) * saved.get("min_lr_ratio", 0)
+    return (f"; to train on past its end pass --extend-steps N (N more steps at its final learning rate "
+            f"{final_lr:.3g}; the cosine keeps its length)")
+
+
+def data_record(tokens) -> dict:
+    """What the run trains on: the sources' sha256 (text through prepare) and each token file's length and the
+    sha256 of its first and last MiB (reading all of a 20 GB corpus at every start would take minutes)."""
+    sources = {s["path"]: s.get("sha256") for s in tokens.meta.get("sources", [])}
+    files = {}
+    for stream in (tokens.train, tokens.val):
+        for name, part in zip(stream.names, stream.parts):
+            head, tail = np.asarray(part[: 1 << 19]), np.asarray(part[-(1 << 19):])  # 1 MiB of uint16 each
+            files[name] = f"{len(part)} tokens, {hashlib.sha256(head.tobytes() + tail.tobytes()).hexdigest()[:16]}"
+    return {"path": str(tokens.path), "sources": sources, "files": files}
+
+
+def check_same_data(saved: dict | None, now: dict, where: Path) -> None:
+    """Refuse to resume on training data other than the checkpoint's, naming the first file that changed."""
+    if not saved:
+        return  # a checkpoint from before data records
+    for kind, what in (("sources", "its sha256"), ("files", "its tokens")):
+        old, new = saved.get(kind, {}), now.get(kind, {})
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                change = "is new" if name not in old else "is gone" if name not in new else f"has changed ({what})"
+                raise UserError(f"--resume: the training data of the run in {where} changed: {name} {change}; "
+                                "restore the data the run started with, or start a new run with --out-dir")
 
 
 # ----------------------------------------------------------------------------- model init
@@ -154,7 +251,7 @@ def init_model(cfg: TrainConfig, dtype: str, **numerics):
     from flax_gpt.load import load_model
     from flax_gpt.model import GPT
 
-    if cfg.init_from == "scratch":
+    if cfg.init_from in (None, "scratch"):
         return GPT(_model_config(cfg, dtype, **numerics), seed=cfg.seed)
     return load_model(cfg.init_from, dtype, **numerics)
 
@@ -178,26 +275,16 @@ def init_train_state(cfg: TrainConfig, dtype: str, numerics: dict, tx, mesh=None
         model = init_model(cfg, dtype, **numerics)
         return (model.config, *init_state(model, tx), None)
     shardings_of = functools.partial(state_shardings, mesh=mesh, strategy=strategy)
-    if cfg.init_from == "scratch":
+    if cfg.init_from in (None, "scratch"):
         config = _model_config(cfg, dtype, **numerics)
         graphdef, init, shardings = sharded_init(lambda: GPT(config, seed=cfg.seed), tx, shardings_of)
         return config, graphdef, init(), shardings
-    with jax.default_device(_host_device()):
+    with jax.default_device(devices.host_device()):
         model = init_model(cfg, dtype, **numerics)
     return (model.config, *shard_state(model, tx, shardings_of))
 
 
-def _host_device():
-    """A CPU device of this process (None if JAX runs without its CPU backend)."""
-    import jax
-
-    try:
-        return jax.local_devices(backend="cpu")[0]
-    except RuntimeError:
-        return None
-
-
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- setup
 
 
 class Diverged(Exception):
@@ -212,211 +299,339 @@ class Diverged(Exception):
         self.step, self.first_bad = step, first_bad
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train as configured; returns a summary (steps, losses, paths, wall time)."""
-    started = time.time()
-    cfg = resolve(cfg)
+@dataclasses.dataclass
+class Run:
+    """Everything the step loop needs, made by setup()."""
+
+    cfg: TrainConfig
+    platform: str
+    dtype: str
+    out_dir: Path
+    config: GPTConfig  # the model's
+    graphdef: Any
+    state: Any  # TrainState: step, params, opt_state
+    train_step: Any  # jitted (state, x (A, B, T), y (A, B, T)) -> (state, metrics)
+    eval_step: Any  # jitted (params, x (B, T), y (B, T)) -> loss
+    loader: Any  # data.DataLoader
+    val_batches: list
+    batch_sharding: Any  # None on one device
+    eval_sharding: Any
+    ckpt: Any  # checkpoint.Checkpointer
+    metrics_log: Any  # metrics.MetricsLog
+    meta: dict  # what every checkpoint's meta holds besides the loader state and the step
+    accum: int
+    tokens_per_step: int
+    n_params: int
+    is_main: bool
+    start_step: int = 0
+
+    def to_device(self, local: np.ndarray, sharding):
+        """This process's numpy rows as (its part of) a device array."""
+        import jax.numpy as jnp
+
+        from flax_gpt.sharding import global_batch
+
+        return jnp.asarray(local) if sharding is None else global_batch(local, sharding)
+
+    def log(self, line: str) -> None:
+        if self.is_main:
+            print(line)
+
+
+def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
+    """The run as configured (or as its checkpoint says, on --resume): (Run, peak FLOP/s for MFU or None)."""
+    if not cfg.resume:
+        resolve(cfg)  # bad flags fail before JAX starts
     platform = devices.select_device(cfg.device)
-    caps = devices.capabilities(platform)
-    dtype = devices.compute_dtype(cfg.dtype, platform)
-    enable_compile_cache()
-
-    import jax
-    import jax.numpy as jnp
-    from tqdm import tqdm
-
-    from flax_gpt import data as data_lib
-    from flax_gpt import sharding as shard
-    from flax_gpt.checkpoint import DIVERGED_SUFFIX, Checkpointer, abstract_like
-    from flax_gpt.generate import generate
-    from flax_gpt.metrics import MetricsLog, flops_per_token, mfu, peak_device_memory_gib, peak_flops, plot_losses
-    from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
-    from flax_gpt.tokenizer import get_encoding
-    from flax_gpt.train_step import make_eval_step, make_train_step
-
     out_dir = Path(cfg.out_dir).expanduser()
     ckpt_root = out_dir / "checkpoints"
     _check_out_dir(out_dir, ckpt_root, cfg.resume)
+    from flax_gpt import data as data_lib
+    from flax_gpt import sharding as shard
+    from flax_gpt.checkpoint import Checkpointer
 
-    tokens = data_lib.load(cfg.data, Path.cwd())
+    saved = _saved_meta(ckpt_root) if cfg.resume else {}
+    if cfg.resume:
+        cfg = restored_config(cfg, given, saved.get("train_config", {}), ckpt_root, platform)
+    cfg = resolve(cfg)
+    devices.enable_compile_cache()
+    caps = devices.capabilities(platform)
+    dtype = devices.compute_dtype(cfg.dtype, platform, training=True)
+
+    import jax
+
+    from flax_gpt.metrics import MetricsLog, peak_flops
+    from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
+    from flax_gpt.train_step import make_eval_step, make_train_step
+
+    source = data_lib.resolve_source(cfg.data, Path.cwd())
+    tokens = data_lib.load(str(source), Path.cwd())
+    data = data_record(tokens)
+    if cfg.resume:
+        check_same_data(saved.get("data"), data, ckpt_root)
     n_proc, proc = jax.process_count(), jax.process_index()
-    is_main = proc == 0
-    accum = grad_accum_steps(cfg, n_proc)
     strategy = shard.resolve_strategy(cfg.sharding)
+    if strategy == "none" and n_proc > 1:
+        raise UserError(f"--sharding none with {n_proc} processes would train {n_proc} unsynchronised copies into one "
+                        "--out-dir; use --sharding dp or fsdp (auto picks dp)")
     if strategy != "none":
         shard.check_batch_divides(cfg.batch_size, n_proc, jax.local_device_count())
+    accum = grad_accum_steps(cfg, n_proc)
     loader = data_lib.DataLoader(tokens.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
                                  process_index=proc, process_count=n_proc)
     val_batches = data_lib.eval_batches(tokens.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
                                         process_index=proc, process_count=n_proc)
 
     optim_cfg = OptimConfig(lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, warmup_steps=max(cfg.warmup_steps, 1),
-                            max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+                            max_steps=cfg.decay_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     tx = make_optimizer(optim_cfg)
     mesh = shard.make_mesh() if strategy != "none" else None
     numerics = {"remat": cfg.remat, "scan_layers": cfg.scan_layers, "matmul_output": caps.matmul_output,
                 "attention": devices.attention_implementation(cfg.attention, platform, dtype)}
     config, graphdef, state, state_sh = init_train_state(cfg, dtype, numerics, tx, mesh, strategy)
-    if cfg.seq_len > config.block_size:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {config.block_size}")
-    batch_sh = eval_batch_sh = None
+    _check_model_fits_data(cfg, config)
+    batch_sh = eval_sh = None
     if mesh is not None:
         batch_sh = shard.batch_sharding(mesh)
-        eval_batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard.AXIS, None))
-
-    def to_device(local, sharding):
-        """This process's numpy rows as (its part of) a device array."""
-        return jnp.asarray(local) if sharding is None else shard.global_batch(local, sharding)
+        eval_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard.AXIS, None))
 
     ckpt = Checkpointer(ckpt_root, keep=cfg.keep_checkpoints)
     start_step = 0
     if cfg.resume:
+        from flax_gpt.checkpoint import abstract_like
+
         def same_model(meta: dict) -> None:  # checked before the state is read: shapes differ otherwise
             if meta.get("model_config") != _config_record(config):
                 raise UserError(f"--resume: {ckpt_root} holds another model ({_config_diff(meta.get('model_config'), config)}"
                                 "); pass the model flags of the run being resumed, or a new --out-dir")
 
-        state, meta = ckpt.restore(abstract_like(state), check_meta=same_model)
-        loader.load_state_dict(meta["loader"])
+        state, restored = ckpt.restore(abstract_like(state), check_meta=same_model)
+        loader.load_state_dict(restored["loader"])
         start_step = int(state.step)
         if start_step >= cfg.max_steps:  # nothing to redo: MetricsLog would drop the final val record
             raise UserError(f"--resume: {ckpt_root} is at step {start_step}, the run is finished "
-                            f"(--max-steps {cfg.max_steps}); pass a larger --max-steps to train on")
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if cfg.resume else None,
-                             enabled=is_main)
-
-    train_step = make_train_step(graphdef, tx, lr_schedule(optim_cfg), state_sh, batch_sh, donate=caps.donation)
-    eval_step = make_eval_step(graphdef, state_sh.params if state_sh else None, eval_batch_sh)
-    enc = get_encoding()
+                            f"(--max-steps {cfg.max_steps}){_extend_hint(dataclasses.asdict(cfg))}")
+    is_main = proc == 0
     n_params = sum(x.size for x in jax.tree.leaves(state.params)) - config.block_size * config.n_embd
-    tokens_per_step = accum * cfg.batch_size * cfg.seq_len * n_proc
-    flops_per_step = flops_per_token(config, n_params, cfg.seq_len) * tokens_per_step
+    saved_cfg = dataclasses.replace(cfg, data=str(source), extend_steps=0,
+                                    dtype={"float32": "fp32", "bfloat16": "bf16"}[dtype])
+    r = Run(cfg=cfg, platform=platform, dtype=dtype, out_dir=out_dir, config=config, graphdef=graphdef, state=state,
+            train_step=make_train_step(graphdef, tx, lr_schedule(optim_cfg), state_sh, batch_sh, donate=caps.donation),
+            eval_step=make_eval_step(graphdef, state_sh.params if state_sh else None, eval_sh),
+            loader=loader, val_batches=val_batches, batch_sharding=batch_sh, eval_sharding=eval_sh, ckpt=ckpt,
+            metrics_log=MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if cfg.resume else None,
+                                   enabled=is_main),
+            meta={"model_config": _config_record(config), "train_config": dataclasses.asdict(saved_cfg),
+                  "data": data, "seed": cfg.seed},
+            accum=accum, tokens_per_step=accum * cfg.batch_size * cfg.seq_len * n_proc, n_params=n_params,
+            is_main=is_main, start_step=start_step)
     step_devices = jax.local_devices() if strategy != "none" else jax.local_devices()[:1]  # in each process
     peak, peak_source = peak_flops(dtype, step_devices, n_proc)
-    log = print if is_main else (lambda *a, **k: None)
-    log(f"model: {n_params / 1e6:.1f}M params, {config.n_layer} layers, {config.n_embd} wide, dtype {dtype}, "
-        f"{config.attention} attention on "
-          f"{platform}; data: {len(tokens.train):,} train / {len(tokens.val):,} val tokens; "
-          f"batch {cfg.batch_size}x{cfg.seq_len} x {accum} accum x {n_proc} processes = {tokens_per_step:,} tokens/step; "
-          f"{jax.device_count()} devices, sharding {strategy}")
-    log(f"mfu against {peak / 1e12:.3g} TFLOP/s: {peak_source}" if peak else f"note: mfu is not reported: {peak_source}")
+    r.log(f"model: {n_params / 1e6:.1f}M params, {config.n_layer} layers, {config.n_embd} wide, dtype {dtype}, "
+          f"{config.attention} attention on {platform}; data: {len(tokens.train):,} train / {len(tokens.val):,} val "
+          f"tokens; batch {cfg.batch_size}x{cfg.seq_len} x {accum} accum x {n_proc} processes = "
+          f"{r.tokens_per_step:,} tokens/step; {jax.device_count()} devices, sharding {strategy}")
+    if cfg.resume:
+        r.log(f"resuming {ckpt_root} at step {start_step} of {cfg.max_steps}" +
+              (f" (extended by {cfg.extend_steps}: lr {cfg.lr * cfg.min_lr_ratio:.3g} after step {cfg.decay_steps})"
+               if cfg.extend_steps else ""))
+    r.log(f"mfu against {peak / 1e12:.3g} TFLOP/s: {peak_source}" if peak else f"note: mfu is not reported: {peak_source}")
     if caps.fallbacks():
-        log(f"{platform} falls back to: {', '.join(caps.fallbacks())}")
+        r.log(f"{platform} falls back to: {', '.join(caps.fallbacks())}")
+    return r, peak
 
-    def meta_record(step: int) -> dict:
-        return {"step": step, "model_config": _config_record(config), "loader": loader.state_dict(),
-                "train_config": dataclasses.asdict(cfg), "seed": cfg.seed}
 
-    def evaluate(params) -> float:
-        losses = [eval_step(params, to_device(x, eval_batch_sh), to_device(y, eval_batch_sh)) for x, y in val_batches]
-        return float(np.mean(jax.device_get(losses)))
+def _saved_meta(ckpt_root: Path) -> dict:
+    """The meta of the newest readable checkpoint under ckpt_root (read only: nothing is moved or written)."""
+    from flax_gpt.checkpoint import Checkpointer
+    from flax_gpt.load import _quiet_absl
 
-    def sample(params) -> str:
-        if cfg.sample_tokens == 0:
-            return ""
-        from flax import nnx
+    with _quiet_absl():  # orbax warns that a read-only manager will not save
+        ckpt = Checkpointer(ckpt_root, read_only=True)
+    try:
+        return ckpt.restore_meta()
+    finally:
+        ckpt.close()
 
-        n_new = min(cfg.sample_tokens, config.block_size - 1)
-        ids = generate(nnx.merge(graphdef, params), [[enc.eot_token]], n_new, temperature=1.0, top_k=50, seed=cfg.seed)
-        return enc.decode([int(t) for t in ids[0, 1:]])
 
-    interrupted = {"flag": False}
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and is_main), unit="step",
-               dynamic_ncols=True)
-    summary = {"start_step": start_step, "first_loss": None, "last_loss": None, "val_losses": []}
-    pending = None  # (step, device metrics) of the step in flight: read after the next one is queued
-    last_time = time.perf_counter()
-    first_step_time = None
-    step = start_step
+def _check_model_fits_data(cfg: TrainConfig, config: GPTConfig) -> None:
+    """The data is GPT-2 tokens and T must fit the model: refuse a model that cannot read them."""
+    from flax_gpt.tokenizer import N_VOCAB
 
-    def record(step_done: int, device_metrics) -> None:
-        nonlocal last_time, first_step_time
+    if config.vocab_size < N_VOCAB:
+        raise UserError(f"--init-from {cfg.init_from}: the model's vocabulary has {config.vocab_size} tokens, the data "
+                        f"is GPT-2 tokens (ids up to {N_VOCAB - 1}); start from a model with GPT-2's vocabulary")
+    if cfg.seq_len > config.block_size:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {config.block_size}")
+
+
+# ----------------------------------------------------------------------------- the step loop
+
+
+class StepRecorder:
+    """Each step's device metrics -> a metrics.jsonl record, the progress bar, a log line; NaN/inf -> Diverged."""
+
+    def __init__(self, r: Run, bar, flops_per_step: float, peak: float | None, log_every: int | None):
+        self.r, self.bar, self.flops_per_step, self.peak, self.log_every = r, bar, flops_per_step, peak, log_every
+        self.last_time = time.perf_counter()
+        self.first_step_s = self.first_loss = self.last_loss = None
+
+    def __call__(self, step: int, device_metrics) -> None:
+        import jax
+
+        from flax_gpt.metrics import mfu
+
         m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.perf_counter()
-        dt, last_time = now - last_time, now
-        if first_step_time is None:
-            first_step_time = dt
+        dt, self.last_time = now - self.last_time, now
+        self.first_step_s = dt if self.first_step_s is None else self.first_step_s
         if not math.isfinite(m["loss"]):
-            raise Diverged(step_done, step_done, f"loss is {m['loss']} at step {step_done}")
+            raise Diverged(step, step, f"loss is {m['loss']} at step {step}")
         if not math.isfinite(m["grad_norm"]):  # the update of this step made the parameters NaN
-            raise Diverged(step_done, step_done + 1, f"gradient norm is {m['grad_norm']} at step {step_done}")
-        rec = {"step": step_done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-               "ms_per_step": dt * 1e3, "tokens_per_s": tokens_per_step / dt, "mfu": mfu(flops_per_step / dt, peak)}
-        metrics_log.write(rec)
-        summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else m["loss"]
-        summary["last_loss"] = m["loss"]
+            raise Diverged(step, step + 1, f"gradient norm is {m['grad_norm']} at step {step}")
+        rec = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "ms_per_step": dt * 1e3,
+               "tokens_per_s": self.r.tokens_per_step / dt, "mfu": mfu(self.flops_per_step / dt, self.peak)}
+        self.r.metrics_log.write(rec)
+        self.first_loss = m["loss"] if self.first_loss is None else self.first_loss
+        self.last_loss = m["loss"]
         shown = {"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}
-        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", **shown, refresh=False)
-        bar.update(1)
+        self.bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", **shown, refresh=False)
+        self.bar.update(1)
+        if self.log_every and step % self.log_every == 0 and self.r.is_main:  # build-nanogpt's line
+            self.bar.write(f"step {step:5d} | loss {m['loss']:.6f} | lr {m['lr']:.4e} | norm {m['grad_norm']:.4f} | "
+                           f"dt {dt * 1e3:.2f}ms | tok/s {rec['tokens_per_s']:,.0f}", file=sys.stdout)
 
-    def eval_and_sample(steps_done: int) -> None:
-        val_loss = evaluate(state.params)
-        text = sample(state.params)
-        peak_memory = peak_device_memory_gib()
-        metrics_log.write({"step": steps_done, "val_loss": val_loss, "sample": text}
-                          | ({} if peak_memory is None else {"peak_device_memory_GiB": peak_memory}))
-        summary["val_losses"].append((steps_done, val_loss))
-        memory = "" if peak_memory is None else f" | peak device memory {peak_memory:.1f} GiB"
-        (bar.write if is_main else log)(f"step {steps_done:5d} | val loss {val_loss:.4f}{memory} | sample: {text[:200]!r}")
 
-    try:
-        for step in range(start_step, cfg.max_steps):
-            if step % cfg.eval_interval == 0:
-                if pending is not None:
-                    record(*pending)
-                    pending = None
-                eval_and_sample(step)  # val loss of the parameters after `step` steps
-            micro = [loader.next_batch() for _ in range(accum)]
-            x = to_device(np.stack([b[0] for b in micro]), batch_sh)  # (A, B, T), B over all processes
-            y = to_device(np.stack([b[1] for b in micro]), batch_sh)  # (A, B, T)
-            state, metrics = train_step(state, x, y)
-            if pending is not None:
-                record(*pending)
-            pending = (step, metrics)
-            done = step + 1
-            is_last = done == cfg.max_steps
-            if is_last:
-                record(*pending)
-                pending = None
-                eval_and_sample(done)
-            if done % cfg.ckpt_interval == 0 or is_last or interrupted["flag"]:
-                if pending is not None:
-                    record(*pending)
-                    pending = None
-                ckpt.save(done, state, meta_record(done))
-            if interrupted["flag"]:
-                break
+def evaluate(r: Run) -> float:
+    """Mean val loss of the current parameters over the fixed val batches (all processes)."""
+    import jax
+
+    losses = [r.eval_step(r.state.params, r.to_device(x, r.eval_sharding), r.to_device(y, r.eval_sharding))
+              for x, y in r.val_batches]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def sample(r: Run) -> str:
+    """--sample-tokens tokens from <|endoftext|> (top-k 50), decoded; '' when sampling is off."""
+    if r.cfg.sample_tokens == 0:
+        return ""
+    from flax import nnx
+
+    from flax_gpt.generate import generate
+    from flax_gpt.tokenizer import get_encoding
+
+    enc = get_encoding()
+    n_new = min(r.cfg.sample_tokens, r.config.block_size - 1)
+    ids = generate(nnx.merge(r.graphdef, r.state.params), [[enc.eot_token]], n_new, temperature=1.0, top_k=50,
+                   seed=r.cfg.seed)
+    return enc.decode([int(t) for t in ids[0, 1:]])
+
+
+def eval_and_sample(r: Run, step: int, bar) -> float:
+    """Val loss and a sample of the parameters after `step` steps, into metrics.jsonl and the log."""
+    from flax_gpt.metrics import peak_device_memory_gib
+
+    val_loss, text, peak_memory = evaluate(r), sample(r), peak_device_memory_gib()
+    r.metrics_log.write({"step": step, "val_loss": val_loss, "sample": text}
+                        | ({} if peak_memory is None else {"peak_device_memory_GiB": peak_memory}))
+    memory = "" if peak_memory is None else f" | peak device memory {peak_memory:.1f} GiB"
+    if r.is_main:
+        bar.write(f"step {step:5d} | val loss {val_loss:.4f}{memory} | sample: {text[:200]!r}", file=sys.stdout)
+    return val_loss
+
+
+def train(r: Run, record: StepRecorder, bar, interrupted) -> tuple[int, list]:
+    """Steps from r.start_step to --max-steps (or a Ctrl-C): eval + sample every --eval-interval, checkpoints every
+    --ckpt-interval and at the end. Returns (steps done, [(step, val loss)])."""
+    cfg, val_losses = r.cfg, []
+    pending = None  # (step, device metrics) of the step in flight: read after the next one is queued
+
+    def flush():
+        nonlocal pending
         if pending is not None:
             record(*pending)
+            pending = None
+
+    done = r.start_step
+    for step in range(r.start_step, cfg.max_steps):
+        if step % cfg.eval_interval == 0:
+            flush()
+            val_losses.append((step, eval_and_sample(r, step, bar)))  # the parameters after `step` steps
+        micro = [r.loader.next_batch() for _ in range(r.accum)]
+        x = r.to_device(np.stack([b[0] for b in micro]), r.batch_sharding)  # (A, B, T), B over all processes
+        y = r.to_device(np.stack([b[1] for b in micro]), r.batch_sharding)  # (A, B, T)
+        r.state, metrics = r.train_step(r.state, x, y)
+        flush()
+        pending, done = (step, metrics), step + 1
+        if done == cfg.max_steps:
+            flush()
+            val_losses.append((done, eval_and_sample(r, done, bar)))
+        if done % cfg.ckpt_interval == 0 or done == cfg.max_steps or interrupted():
+            flush()
+            r.ckpt.save(done, r.state, {"step": done, **r.meta, "loader": r.loader.state_dict()})
+        if interrupted():
+            break
+    flush()
+    return done, val_losses
+
+
+def stop_diverged(r: Run, e: Diverged) -> UserError:
+    """Set aside the checkpoints a divergence spoiled and say where the last good one is."""
+    from flax_gpt.checkpoint import DIVERGED_SUFFIX
+
+    spoiled = r.ckpt.set_aside([s for s in r.ckpt.all_steps() if s >= e.first_bad], DIVERGED_SUFFIX)
+    last = r.ckpt.latest_step()
+    kept = (f"the last good checkpoint is {r.out_dir / 'checkpoints' / str(last)}, --resume continues from it"
+            if last is not None else "no good checkpoint was written")
+    if spoiled:
+        kept += f" (set aside: {', '.join(p.name for p in spoiled.values())})"
+    r.metrics_log.write({"step": e.step, "stopped": f"diverged: {e}", "last_good_checkpoint": last})
+    return UserError(f"training diverged: {e}; {kept}; try a lower --lr or more --warmup-steps")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(cfg: TrainConfig, given: set[str] | None = None) -> dict:
+    """Train as configured; returns a summary (steps, losses, paths, wall time). given: the fields set on the
+    command line (default: those that differ from TrainConfig's defaults); on --resume the rest come from the
+    checkpoint."""
+    started = time.time()
+    r, peak = setup(cfg, changed_fields(cfg) if given is None else given)
+    cfg = r.cfg
+    import jax
+    from tqdm import tqdm
+
+    from flax_gpt.metrics import flops_per_token, plot_losses
+
+    show_bar = cfg.progress and r.is_main
+    log_every = cfg.log_interval or (None if show_bar and sys.stdout.isatty() else 1)
+    bar = tqdm(total=cfg.max_steps, initial=r.start_step, disable=not show_bar, unit="step", dynamic_ncols=True)
+    record = StepRecorder(r, bar, flops_per_token(r.config, r.n_params, cfg.seq_len) * r.tokens_per_step, peak,
+                          log_every)
+    stop = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    try:
+        done, val_losses = train(r, record, bar, lambda: bool(stop))
     except jax.errors.JaxRuntimeError as e:
         if not is_out_of_memory(e):
             raise
-        bar.close()
-        raise UserError(out_of_memory_message(cfg, dtype, platform, tokens_per_step)) from None
+        raise UserError(out_of_memory_message(cfg, r.dtype, r.platform, r.tokens_per_step)) from None
     except Diverged as e:
-        bar.close()
-        spoiled = ckpt.set_aside([s for s in ckpt.all_steps() if s >= e.first_bad], DIVERGED_SUFFIX)
-        last = ckpt.latest_step()
-        ckpt.close()
-        kept = (f"the last good checkpoint is {ckpt_root / str(last)}, --resume continues from it"
-                if last is not None else "no good checkpoint was written")
-        if spoiled:
-            kept += f" (set aside: {', '.join(p.name for p in spoiled.values())})"
-        metrics_log.write({"step": e.step, "stopped": f"diverged: {e}", "last_good_checkpoint": last})
-        raise UserError(f"training diverged: {e}; {kept}; try a lower --lr or more --warmup-steps") from None
+        raise stop_diverged(r, e) from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-    bar.close()
-    ckpt.close()
-
-    if is_main:
-        plot_losses(metrics_log.read(), out_dir / "loss.png", title=f"flax-gpt {cfg.preset}: {n_params / 1e6:.1f}M params")
-    summary.update(steps=step + 1 - start_step, final_step=ckpt.latest_step(), wall_s=time.time() - started,
-                   first_step_s=first_step_time, checkpoint=str(ckpt_root / str(ckpt.latest_step())),
-                   plot=str(out_dir / "loss.png"), metrics=str(out_dir / "metrics.jsonl"),
-                   interrupted=interrupted["flag"], is_main=is_main)
-    return summary
+        bar.close()
+        r.ckpt.close()
+    if r.is_main:
+        plot_losses(r.metrics_log.read(), r.out_dir / "loss.png",
+                    title=f"flax-gpt {cfg.preset}: {r.n_params / 1e6:.1f}M params")
+    ckpt_root = r.out_dir / "checkpoints"
+    return {"start_step": r.start_step, "first_loss": record.first_loss, "last_loss": record.last_loss,
+            "val_losses": val_losses, "steps": done - r.start_step, "final_step": r.ckpt.latest_step(),
+            "wall_s": time.time() - started, "first_step_s": record.first_step_s,
+            "checkpoint": str(ckpt_root / str(r.ckpt.latest_step())), "plot": str(r.out_dir / "loss.png"),
+            "metrics": str(r.out_dir / "metrics.jsonl"), "interrupted": bool(stop), "is_main": r.is_main}
 
 
 def is_out_of_memory(error: Exception) -> bool:

@@ -7,7 +7,7 @@ import sys
 COMPILE_ONE = """
 import jax, jax.numpy as jnp
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even a tiny program
-from flax_gpt.train import enable_compile_cache
+from flax_gpt.devices import enable_compile_cache
 enable_compile_cache()
 jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
 print(jax.config.jax_compilation_cache_dir)

@@ -96,7 +96,7 @@ def make_specs(work: Path) -> dict[str, Spec]:
         "nan_resume": Spec(with_args(resume, ["--out-dir", "nan"]), deps=("nan",)),
         "damaged_latest": Spec(with_args(resume, ["--out-dir", "dl"]), deps=("ref",),
                                before=copy_and_damage(work, "dl", [LONG_STEPS])),
-        "damaged_all": Spec(with_args(resume, ["--out-dir", "da", "--max-steps", "30"]), deps=("ref",),
+        "damaged_all": Spec(with_args(resume, ["--out-dir", "da"]), deps=("ref",),
                             before=copy_and_damage(work, "da", [16, 18, 20]),
                             after=lambda: {"after": snapshot(work / "da")}),
     }

@@ -57,6 +57,9 @@ def make_specs(work: Path) -> dict[str, Spec]:
                         signal_at=(signal.SIGKILL, "p2", True), after=state_of("p2")),
         "p2_resume": Spec(two_processes([*two, "--out-dir", "p2", "--resume"]), deps=("p2_kill",), command=True,
                           group=True),
+        "err_none2": Spec(two_processes(with_args(SHORT_RUN, ["--data", "shards", "--sharding", "none",
+                                                             "--out-dir", "err_none2"])), deps=("prep",), command=True,
+                          group=True),
         **{f"fmt_{fmt}": Spec(with_args(SHORT_RUN, ["--data", fmt, "--out-dir", f"run_{fmt}"]), deps=("s_ref",))
            for fmt in ("build-nanogpt", "nanoGPT", "llm.c")},
     }
@@ -118,6 +121,17 @@ def test_sigkill_and_resume_of_two_processes_on_shards_is_exact(runs, work):
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
     assert killed.signalled_after >= SIGNAL_AT_STEP and max(train_losses(killed.extra["records"])) < 19
     check_exact_resume(ref, killed, runs.result("p2_resume"), work / "p2")
+
+
+@needs("prep", "err_none2")
+def test_two_processes_without_sharding_are_refused(runs, work):
+    r = runs.result("err_none2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, lines  # one line from each process
+    assert all(line.startswith("error: --sharding none with 2 processes would train 2 unsynchronised copies")
+               and "--sharding dp or fsdp" in line for line in lines), lines
+    assert not ckpt_steps(work / "err_none2")
 
 
 @needs("fmt_build-nanogpt", "fmt_nanoGPT", "fmt_llm.c")

@@ -39,19 +39,19 @@ def make_specs(work: Path) -> dict[str, Spec]:
 
     return {  # plan order, 2 at a time: a20 compiles the shapes most runs share while cheap runs go beside it
         "a20": Spec([*LONG, "--out-dir", "a20"], before=lambda: {"out": "a20"}),
+        "a20_bf16": Spec(with_args(LONG, ["--out-dir", "a20_bf16", "--dtype", "bf16"]),
+                         before=lambda: {"out": "a20_bf16"}),
         "hf_model": Spec([PYTHON, "-c", HF_SCRIPT, str(work / "hf_model")], command=True),
         "err_binary": Spec(with_args(COMMON, ["--data", "binary.dat", "--out-dir", "err_binary"])),
         "err_metal": Spec([*COMMON, "--device", "metal", "--out-dir", "err_metal"]),
         "a6": Spec([*SHORT, "--out-dir", "a6"]),
-        "b_kill": Spec([*LONG, "--out-dir", "b"], deps=("a20",), signal_at=(signal.SIGKILL, "b", True),
-                       after=state_of("b")),
+        "b_kill": Spec(with_args(LONG, ["--out-dir", "b", "--dtype", "bf16"]), deps=("a20_bf16",),
+                       signal_at=(signal.SIGKILL, "b", True), after=state_of("b")),
         "c_int": Spec(with_args(LONG, ["--out-dir", "c", "--ckpt-interval", str(CTRL_C_CKPT_INTERVAL)]),
                       deps=("a20",), signal_at=(signal.SIGINT, "c", False), after=state_of("c")),
-        "b_resume": Spec([*LONG, "--out-dir", "b", "--resume"], deps=("b_kill",)),
-        # after b_resume: a resumed run's restored (committed) arrays lower to other executables than a fresh
-        # run's, so the first resume compiles them and the second finds them in the cache
-        "c_resume": Spec(with_args(LONG, ["--out-dir", "c", "--ckpt-interval", str(CTRL_C_CKPT_INTERVAL),
-                                          "--resume"]), deps=("c_int",), later_than=("b_resume",)),
+        # resumed without any other flag: the run's own come from its checkpoint
+        "b_resume": Spec(["--out-dir", "b", "--resume"], deps=("b_kill",)),
+        "c_resume": Spec(["--out-dir", "c", "--resume"], deps=("c_int",)),
         # a6's flags and shapes: after a6, hf finds every executable it needs in the compile cache
         "hf": Spec([*SHORT, "--init-from", "hf_model", "--out-dir", "hf", "--no-progress"], deps=("hf_model",),
                    later_than=("a6",)),
@@ -107,6 +107,14 @@ def short_text_case(tmp: Path):
     return ["--data", "short.txt"], [f"{n_train} tokens", "2*16+1 = 33"]
 
 
+def small_vocab_model(tmp: Path) -> str:
+    """An HF directory of a tiny GPT with a 128-token vocabulary (not GPT-2's)."""
+    from flax_gpt import GPT, preset
+
+    GPT(preset("tiny", vocab_size=128)).save_pretrained(str(tmp / "small_vocab"))
+    return "small_vocab"
+
+
 def write(path: Path, content: str | bytes) -> str:
     path.write_bytes(content.encode() if isinstance(content, str) else content)
     return path.name
@@ -129,6 +137,10 @@ BAD_INPUT = {  # id: (setup(tmp) -> (extra args, fragments the message must hold
     "init_from_dir_without_config": lambda tmp: ((tmp / "not_a_model").mkdir() or ["--init-from", "not_a_model"],
                                                  ["not_a_model", "config.json"]),
     "resume_without_checkpoint": lambda tmp: (["--resume"], ["--resume", "no checkpoint"]),
+    "init_from_smaller_vocabulary": lambda tmp: (["--init-from", small_vocab_model(tmp)],
+                                                 ["--init-from small_vocab", "vocabulary has 128 tokens",
+                                                  "GPT-2 tokens (ids up to 50256)"]),
+    "extend_without_resume": lambda tmp: (["--extend-steps", "5"], ["--extend-steps", "use it with --resume"]),
     "out_dir_not_writable": lambda tmp: (["--out-dir", "corpus.txt/run"], ["cannot write to --out-dir corpus.txt/run"]),
     "unknown_hub_id_offline": lambda tmp: (["--init-from", "no-such-org/no-such-gpt2"],
                                            ["'no-such-org/no-such-gpt2'", "not in the HF cache"]),
@@ -223,33 +235,70 @@ def test_run_writes_metrics_plot_and_checkpoints(runs, work):
 
 @needs("a6")
 @pytest.mark.parametrize("extra, fragments", [
-    ([], ["step 6", "the run is finished", "--max-steps"]),  # a finished run: the final val record and plot stay
-    (["--n-embd", "64", "--max-steps", "9"],
-     ["holds another model (n_embd 32 in the checkpoint, 64 requested)", "--out-dir"]),
-], ids=["finished_run", "another_model"])
+    ([], ["step 6", "the run is finished", "--extend-steps N", "final learning rate 0.0003"]),  # final val + plot stay
+    (["--n-embd", "64"], ["holds another model (n_embd 32 in the checkpoint, 64 requested)", "--out-dir"]),
+    (["--lr", "0.001", "--extend-steps", "2"], ["--lr 0.001 contradicts the run in a6/checkpoints (0.003)",
+                                                "drop the flag", "--out-dir"]),
+    (["--max-steps", "9"], ["--max-steps 9 contradicts the run in a6/checkpoints (6)", "--extend-steps N"]),
+    (["--data", "corpus.txt", "--extend-steps", "2"], ["--data corpus.txt contradicts", "corpus.txt)"]),
+    (["--dtype", "bf16", "--extend-steps", "2"], ["--dtype bf16 contradicts the run in a6/checkpoints (fp32)"]),
+], ids=["finished_run", "another_model", "other_lr", "more_steps", "other_data", "other_dtype"])
 def test_resume_refusals_change_nothing(extra, fragments, runs, work, cli, tmp_path, capsys):
     assert runs.result("a6").returncode == 0
     shutil.copytree(work / "a6", tmp_path / "a6")
     before = snapshot(tmp_path)
     capsys.readouterr()
-    assert cli.main(with_args(SHORT, ["--out-dir", "a6", "--resume", "--no-progress", *extra])) == 2
+    assert cli.main(["--out-dir", "a6", "--resume", "--no-progress", *extra]) == 2
     line = assert_one_error_line(capsys.readouterr().err)
     for fragment in fragments:
         assert fragment in line, (fragment, line)
     assert snapshot(tmp_path).items() >= before.items()
 
 
-@needs("a20", "b_kill", "b_resume")
-def test_resume_after_sigkill_is_exact(runs, work):
+def test_resume_refuses_a_changed_corpus_and_changes_nothing(cli, tmp_path, capsys):
+    assert cli.main(with_args(SHORT, ["--max-steps", "2", "--out-dir", "run", "--no-progress"])) == 0
+    with open(tmp_path / "corpus.txt", "a") as f:
+        f.write("One more line of text.\n")
+    before = snapshot(tmp_path / "run")
+    capsys.readouterr()
+    assert cli.main(["--out-dir", "run", "--resume", "--extend-steps", "1"]) == 2
+    line = assert_one_error_line(capsys.readouterr().err)
+    corpus = (tmp_path / "corpus.txt").resolve()
+    assert f"the training data of the run in run/checkpoints changed: {corpus} has changed (its sha256)" in line
+    assert snapshot(tmp_path / "run") == before
+
+
+@needs("a6")
+def test_extending_a_finished_run_trains_on_at_the_final_learning_rate(runs, work, cli, tmp_path, capsys):
+    assert runs.result("a6").returncode == 0
+    shutil.copytree(work / "a6", tmp_path / "a6")
+    capsys.readouterr()
+    assert cli.main(["--out-dir", "a6", "--resume", "--extend-steps", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming a6/checkpoints at step 6 of 8 (extended by 2: lr 0.0003 after step 6)" in out, out
+    records = read_records(tmp_path / "a6")
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    old = {r["step"]: r["lr"] for r in read_records(work / "a6") if "lr" in r}
+    assert lrs == {**old, 6: pytest.approx(3e-4, rel=1e-6), 7: pytest.approx(3e-4, rel=1e-6)}  # no jump back up
+    assert ckpt_steps(tmp_path / "a6")[-1] == 8 and sorted(val_losses(records))[-1] == 8
+    # a later plain --resume sees the extended run as finished at 8
+    assert cli.main(["--out-dir", "a6", "--resume"]) == 2
+    assert "is at step 8, the run is finished (--max-steps 8)" in capsys.readouterr().err
+
+
+@needs("a20_bf16", "b_kill", "b_resume")
+def test_resume_after_sigkill_is_exact_in_bf16_without_flags(runs, work):
     killed = runs.result("b_kill")
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
     assert killed.signalled_after is not None and killed.signalled_after >= SIGNAL_AT_STEP
     assert max(train_losses(killed.extra["records"])) < LONG_STEPS - 1  # really killed mid-run
-    check_exact_resume(runs.result("a20"), killed, runs.result("b_resume"), work / "b")
+    resumed = runs.result("b_resume")
+    assert "dtype bfloat16" in resumed.stdout and "resuming b/checkpoints at step" in resumed.stdout, resumed.stdout
+    check_exact_resume(runs.result("a20_bf16"), killed, resumed, work / "b")
 
 
 @needs("a20", "c_int", "c_resume")
-def test_ctrl_c_checkpoints_exits_130_and_resumes_exactly(runs, work):
+def test_ctrl_c_checkpoints_exits_130_and_resumes_exactly_in_fp32_without_flags(runs, work):
     interrupted = runs.result("c_int")
     assert interrupted.returncode == 130, (interrupted.returncode, interrupted.stderr[-3000:])
     assert "Traceback" not in interrupted.stderr

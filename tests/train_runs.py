@@ -45,7 +45,7 @@ def with_args(base: list[str], extra: list[str]) -> list[str]:
 
 # tiny settings: 2x16 tokens per step; the tiny preset's model is 2 layers, 32 wide, block_size 64
 COMMON = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--total-batch-size", "32", "--eval-batches", "1",
-          "--sample-tokens", "8", "--data", "corpus.txt"]
+          "--sample-tokens", "8", "--data", "corpus.txt", "--dtype", "fp32"]
 SHORT = [*COMMON, "--max-steps", "6", "--eval-interval", "3", "--ckpt-interval", "2"]  # test (a)
 LONG = [*with_args(COMMON, ["--sample-tokens", "0"]), "--max-steps", "20", "--eval-interval", "5",
         "--ckpt-interval", "2", "--no-progress"]  # resume tests: long enough to stop mid-run
