@@ -111,9 +111,14 @@ def test_causality_by_gradient():
     assert_within(checks.causality_by_gradient("odd"))
 
 
-@pytest.mark.parametrize("shape", ("tiny", "odd"))
+@pytest.mark.parametrize("shape", checks.PADDED_SHAPES)
 def test_vocab_padding_changes_nothing(shape):
     assert_within(checks.vocab_padding_invariance(shape))
+
+
+def test_vocab_padding_check_refuses_a_vocab_that_needs_no_padding():
+    with pytest.raises(ValueError, match="needs no padding"):
+        checks.vocab_padding_invariance("tiny")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
