@@ -81,20 +81,20 @@ def _layer_norm_stats(x, eps: float):
 
 
 def _layer_norm_fwd(x, scale, bias, eps):
-    x = x.astype(jnp.float32)
-    mean, rstd = _layer_norm_stats(x, eps)  # (..., 1) each
-    y = (x - mean) * rstd * scale + bias  # (..., C)
-    return y, (x, mean, rstd, scale)
+    x32 = x.astype(jnp.float32)  # (..., C)
+    mean, rstd = _layer_norm_stats(x32, eps)  # (..., 1) each
+    y = (x32 - mean) * rstd * scale + bias  # (..., C)
+    return y, (x, mean, rstd, scale)  # x in its own dtype: a bf16 input is kept in bf16
 
 
 def _layer_norm_bwd(eps, saved, g):
-    x, mean, rstd, scale = after(g, *saved)
-    x_hat = (x - mean) * rstd  # (..., C)
+    x_in, mean, rstd, scale = after(g, *saved)
+    x_hat = (x_in.astype(jnp.float32) - mean) * rstd  # (..., C)
     g_hat = g * scale  # (..., C)
     dx = rstd * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
                  - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True))  # (..., C)
-    batch_axes = tuple(range(x.ndim - 1))
-    return dx, jnp.sum(g * x_hat, axis=batch_axes), jnp.sum(g, axis=batch_axes)
+    batch_axes = tuple(range(x_hat.ndim - 1))
+    return dx.astype(x_in.dtype), jnp.sum(g * x_hat, axis=batch_axes), jnp.sum(g, axis=batch_axes)
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
