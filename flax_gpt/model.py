@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt.config import GPTConfig
-from flax_gpt.ops import (causal_attention, cross_entropy, gelu, layer_norm, lm_head_loss,  # noqa: F401
-                          low_precision_matmul, matmul, tied_logits)
+from flax_gpt.ops import causal_attention, cross_entropy, gelu, layer_norm, lm_head_loss, matmul, tied_logits
 
 INIT_STD = 0.02
 

@@ -64,7 +64,7 @@ def test_low_precision_matmul_vjp_is_the_dot_vjp():
     import jax.numpy as jnp
     import numpy as np
 
-    from flax_gpt.model import low_precision_matmul
+    from flax_gpt.ops import low_precision_matmul
 
     rng = np.random.default_rng(0)
     x, w, g = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 5, 8), (8, 3), (2, 5, 3)))
