@@ -253,15 +253,20 @@ def tied_logits(x, wte, vocab_size: int, dtype: str, matmul_output: str = "float
     return logits
 
 
-def cross_entropy(logits, targets):
-    """Mean next-token cross entropy in float32: logits (B, T, V or Vp), targets (B, T).
+def token_cross_entropy(logits, targets):
+    """Cross entropy of each token in float32: logits (B, T, V or Vp), targets (B, T) -> (B, T).
 
-    logsumexp minus the target's logit: the same value as log_softmax then pick, without writing the
-    (B, T, V) log-probabilities out (lm_head + loss measured 15-22% faster on CPU for GPT-2's vocabulary).
+    logsumexp minus the target's logit: the value of log_softmax then pick, without writing the (B, T, V)
+    log-probabilities out, one pass over the logits fewer (see BENCHMARKS.md).
     """
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # (B, T)
-    return (jax.nn.logsumexp(logits, axis=-1) - picked).mean()
+    return jax.nn.logsumexp(logits, axis=-1) - picked  # (B, T)
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token cross entropy in float32: logits (B, T, V or Vp), targets (B, T)."""
+    return token_cross_entropy(logits, targets).mean()
 
 
 def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
