@@ -164,8 +164,8 @@ class TensorReader:
 
     safetensors: the library validates the file and gives the shapes; each tensor's bytes are
     then read with readinto() into the caller's buffer, so no per-tensor temporaries pile up
-    in the heap (they did: 1.6x the weights at peak for gpt2-medium). .bin: torch.load with
-    weights_only=True (never runs pickled code) and mmap=True.
+    in the heap (BENCHMARKS.md, loading HF weights). .bin: torch.load with weights_only=True
+    (never runs pickled code) and mmap=True.
     """
 
     def __init__(self, files: list[Path]):

@@ -273,8 +273,8 @@ def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: st
     """Mean cross entropy of the logits x @ wte.T (x (B, T, C), wte (Vp, C)) against targets (B, T).
 
     Up to FULL_LOGITS_TOKENS tokens: the full logits and plain autodiff (faster on CPU: XLA overlaps the
-    lm_head's backward matmuls with the blocks'). Beyond, chunk by chunk (_chunked_lm_head_loss): logits of
-    LOSS_CHUNK tokens at a time, never all of them.
+    lm_head's backward matmuls with the blocks', BENCHMARKS.md change 25). Beyond, chunk by chunk
+    (_chunked_lm_head_loss): logits of LOSS_CHUNK tokens at a time, never all of them.
     """
     if x.shape[0] * x.shape[1] <= FULL_LOGITS_TOKENS:
         return cross_entropy(tied_logits(x, wte, vocab_size, dtype, matmul_output), targets)
