@@ -13,7 +13,9 @@ variants take turns, one step each per round (--warmup rounds untimed, --steps r
 phase of the machine hits every variant alike; the table reports each variant's median ms/step,
 tokens/s, MFU against a matmul peak measured here for that dtype, and the process's peak RSS after the
 variant was built. The flax rows also report host overhead: the time the step's call takes to return
-(cache lookup, argument handling, dispatch) as a share of the whole step.
+(cache lookup, argument handling, dispatch) as a share of the whole step. Every variant starts from the same
+weights (flax_gpt's init) on the same batch and learning-rate schedule; the JSON keeps each variant's losses,
+so a variant that computes something else shows there.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def time_rounds(steps: dict, n_warmup: int, n_rounds: int) -> dict[str, list[flo
     return times
 
 
+INIT_SEED = 0  # every variant starts from flax_gpt's init with this seed
 CUDNN_REL_BOUND = 2e-2  # bf16 attention, cuDNN vs XLA, norm(diff)/norm(ref): the parity table's bf16 bound (parity_tests/checks.py BF16_REL)
 
 
@@ -97,7 +100,7 @@ def check_cudnn_attention(config, batch, candidate: str = "cudnn") -> dict:
 
 
 def flax_step_fn(config, batch, opt_cfg):
-    """A zero-argument callable running one jitted flax_gpt train step to completion."""
+    """A zero-argument callable running one jitted flax_gpt train step to completion; step.losses collects the losses."""
     import jax
     import jax.numpy as jnp
 
@@ -106,7 +109,7 @@ def flax_step_fn(config, batch, opt_cfg):
     from flax_gpt.train_step import init_state, make_train_step
 
     tx = make_optimizer(opt_cfg)
-    graphdef, state = init_state(GPT(config), tx)
+    graphdef, state = init_state(GPT(config, seed=INIT_SEED), tx)
     train_step = make_train_step(graphdef, tx, lr_schedule(opt_cfg))
     x, y = (jnp.asarray(a[None]) for a in batch)  # (1, B, T)
     holder = {"state": state}
@@ -115,19 +118,25 @@ def flax_step_fn(config, batch, opt_cfg):
         t0 = time.perf_counter()
         holder["state"], metrics = train_step(holder["state"], x, y)
         step.host_s.append(time.perf_counter() - t0)  # until the call returns: cache lookup, arguments, dispatch
-        jax.block_until_ready(metrics)
+        step.losses.append(jax.block_until_ready(metrics)["loss"])
 
-    step.host_s = []
+    step.host_s, step.losses = [], []
     return step
 
 
 def torch_step_fn(config, batch, opt_cfg, autocast: bool, compile_model: bool, device: str):
-    """One torch_ref train step as build-nanogpt runs it: SDPA attention, AdamW fused on CUDA, bf16 autocast."""
+    """One torch_ref train step as build-nanogpt runs it: SDPA attention, AdamW fused on CUDA, bf16 autocast.
+
+    The model starts from flax_gpt's init (the same weights as the flax variants) and follows the same
+    learning-rate schedule, so every variant's losses can be compared; step.losses collects them.
+    """
     import torch
 
     import torch_ref
+    from flax_gpt import GPT
+    from flax_gpt.optim import lr_at
 
-    model = torch_ref.GPT(torch_ref.config_from_flax(config)).to(device)
+    model = torch_ref.flax_to_torch(GPT(config, seed=INIT_SEED)).to(device)
     optimizer = model.configure_optimizers(opt_cfg.weight_decay, opt_cfg.lr, device)
     if compile_model:
         model = torch.compile(model)
@@ -135,10 +144,13 @@ def torch_step_fn(config, batch, opt_cfg, autocast: bool, compile_model: bool, d
     dtype = torch.bfloat16 if autocast else None
 
     def step():
-        torch_ref.train_step(model, optimizer, [(x, y)], opt_cfg.lr, opt_cfg.grad_clip, autocast_dtype=dtype)
+        lr = lr_at(len(step.losses), opt_cfg)
+        loss, _ = torch_ref.train_step(model, optimizer, [(x, y)], lr, opt_cfg.grad_clip, autocast_dtype=dtype)
+        step.losses.append(loss)
         if device == "cuda":
             torch.cuda.synchronize()
 
+    step.losses = []
     return step
 
 
@@ -242,7 +254,9 @@ def main():
         host = getattr(steps[variant], "host_s", None)
         if host:
             r["host_overhead"] = statistics.median(host[-args.steps:]) / median
-        print(f"{variant:20s} {median * 1e3:9.1f} ms/step {tokens / median:9.0f} tok/s", flush=True)
+        r["losses"] = [float(loss) for loss in steps[variant].losses]  # first step, warmup rounds, timed rounds
+        print(f"{variant:20s} {median * 1e3:9.1f} ms/step {tokens / median:9.0f} tok/s, loss {r['losses'][0]:.4f} "
+              f"-> {r['losses'][-1]:.4f}", flush=True)
 
     datasheet = f"MFU also against {peak_source} {datasheet_peak / 1e12:.0f} TFLOP/s" if datasheet_peak else peak_source
     where = (f"{jax.devices()[0].device_kind}, {datasheet}" if on_gpu

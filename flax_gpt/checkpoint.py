@@ -106,10 +106,6 @@ class Checkpointer:
         self._report(failed, used)
         return params
 
-    def wait(self) -> None:
-        """Block until a background save has finished."""
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()

@@ -74,24 +74,17 @@ def make_loss_step(model):
     import jax.numpy as jnp
     from flax import nnx
 
+    from flax_gpt.ops import token_cross_entropy
+
     graphdef, _ = nnx.split(model)
 
     @jax.jit
     def step(state, x, y, mask):
         logits, _ = nnx.merge(graphdef, state)(x)  # (B, T, V) float32
-        losses = token_losses(logits, y)  # (B, T)
+        losses = token_cross_entropy(logits, y)  # (B, T)
         return jnp.sum(losses * mask), jnp.sum(mask)
 
     return step
-
-
-def token_losses(logits, targets):
-    """Per-token cross entropy in float32: logits (B, T, V), targets (B, T) -> (B, T)."""
-    import jax
-    import jax.numpy as jnp
-
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (B, T, V)
-    return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # (B, T)
 
 
 def evaluate_loss(model, tokens: np.ndarray, batch_size: int = 8, seq_len: int | None = None,
@@ -215,12 +208,14 @@ def make_hellaswag_step(model):
     import jax.numpy as jnp
     from flax import nnx
 
+    from flax_gpt.ops import token_cross_entropy
+
     graphdef, _ = nnx.split(model)
 
     @jax.jit
     def step(state, tokens, mask):
         logits, _ = nnx.merge(graphdef, state)(tokens)  # (R, L, V)
-        losses = token_losses(logits[:, :-1], tokens[:, 1:])  # (R, L-1): loss of predicting token t+1
+        losses = token_cross_entropy(logits[:, :-1], tokens[:, 1:])  # (R, L-1): loss of predicting token t+1
         shift_mask = mask[:, 1:].astype(jnp.float32)  # (R, L-1)
         return jnp.sum(losses * shift_mask, axis=1), jnp.sum(shift_mask, axis=1)  # (R,), (R,)
 

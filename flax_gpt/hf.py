@@ -164,8 +164,8 @@ class TensorReader:
 
     safetensors: the library validates the file and gives the shapes; each tensor's bytes are
     then read with readinto() into the caller's buffer, so no per-tensor temporaries pile up
-    in the heap (they did: 1.6x the weights at peak for gpt2-medium). .bin: torch.load with
-    weights_only=True (never runs pickled code) and mmap=True.
+    in the heap (BENCHMARKS.md, loading HF weights). .bin: torch.load with weights_only=True
+    (never runs pickled code) and mmap=True.
     """
 
     def __init__(self, files: list[Path]):
@@ -174,6 +174,8 @@ class TensorReader:
         for f in files:
             try:
                 self._open_safetensors(f) if f.suffix == ".safetensors" else self._open_bin(f)
+            except CheckpointError:
+                raise
             except Exception as e:  # safetensors, zip and unpickling errors have no common base
                 raise CheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                                       "the file is truncated or corrupt, download it again") from None
@@ -183,8 +185,10 @@ class TensorReader:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
         data_start, entries = _safetensors_offsets(f)
         for key, shape in shapes.items():
+            if _IGNORED.match(_strip_prefix(key)):
+                continue  # buffers (U8 or BOOL masks, too) are never read
             entry = entries[key]
-            dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+            dtype = np.dtype(_SAFETENSORS_DTYPES[_check_dtype(f, key, entry["dtype"], _SAFETENSORS_DTYPES)])
             self._add(key, shape, lambda out, f=f, e=entry, d=dtype, s=shape: _read_into(f, data_start, e, d, s, out))
 
     def _open_bin(self, f: Path):
@@ -192,6 +196,9 @@ class TensorReader:
 
         state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         for key, t in state.items():
+            if _IGNORED.match(_strip_prefix(key)):
+                continue
+            _check_dtype(f, key, str(t.dtype).removeprefix("torch."), _BIN_DTYPES)
             self._add(key, tuple(t.shape), lambda out, t=t: np.copyto(out, t.float().numpy()))
 
     def _add(self, key: str, shape: tuple[int, ...], read_into: Callable[[np.ndarray], None]):
@@ -210,6 +217,15 @@ class TensorReader:
 
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+_BIN_DTYPES = ("float32", "float16", "bfloat16", "float64")  # torch dtype names, as above
+
+
+def _check_dtype(path: Path, key: str, dtype: str, readable) -> str:
+    """dtype, if a parameter of that dtype can be read; else a CheckpointError naming the file and key."""
+    if dtype not in readable:
+        raise CheckpointError(f"{path}: tensor {_strip_prefix(key)} has dtype {dtype}; parameters are read from "
+                              f"{', '.join(readable)}")
+    return dtype
 
 
 def _read_into(path: Path, data_start: int, entry: dict, dtype: np.dtype, shape, out: np.ndarray) -> None:

@@ -1,5 +1,5 @@
-"""Reuse freed host memory: XLA:CPU allocates a step's temporaries (1.9 GB for gpt2 at B=4, T=256) afresh
-on every call, and glibc's malloc maps them anew each time, so every page is faulted in and zeroed again."""
+"""Reuse freed host memory: XLA:CPU allocates a step's temporaries (gigabytes for gpt2) afresh on every
+call, and glibc's malloc maps them anew each time, so every page is faulted in and zeroed again."""
 
 from __future__ import annotations
 
@@ -29,10 +29,9 @@ def jax_runs_on_cpu(device: str) -> bool:
 def keep_freed_memory() -> bool:
     """glibc only: one arena, no mmap for big blocks, no trimming, so freed blocks are reused in place.
 
-    Measured on 2 cores: gpt2 bf16 step 2.1 -> 1.6 s, page faults 470k -> 0 per step (BENCHMARKS.md). The
-    cost is host memory: what one phase frees (eval, sampling, checkpointing) stays with the process, so
-    120 steps of the small default run peak at 3.5 GB RSS instead of 2.2 (flat after the first checkpoint).
-    Only worth it when XLA computes on the CPU. Call it before JAX starts its threads; True if applied.
+    Steps then fault no pages in and run faster on the CPU (BENCHMARKS.md, change 15). The cost is host
+    memory: what one phase frees (eval, sampling, checkpointing) stays with the process, so a run's peak RSS
+    is higher. Only worth it when XLA computes on the CPU. Call it before JAX starts its threads; True if applied.
     """
     if not sys.platform.startswith("linux") or os.environ.get(OPT_OUT) == "1":
         return False

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt.config import GPTConfig
-from flax_gpt.ops import (causal_attention, cross_entropy, gelu, layer_norm, lm_head_loss,  # noqa: F401
-                          low_precision_matmul, matmul, tied_logits)
+from flax_gpt.ops import causal_attention, cross_entropy, gelu, layer_norm, lm_head_loss, matmul, tied_logits
 
 INIT_STD = 0.02
 
@@ -200,8 +199,7 @@ class GPT(nnx.Module):
         """Logits over all Vp rows of wte, -inf in the padding columns: (B, T, C) -> (B, T, Vp) float32.
 
         The matmul runs over the padded vocabulary because a multiple of 64 is what the kernels are fast at
-        (50304 columns ran twice as fast as 50257 on XLA:CPU, see BENCHMARKS.md); -inf makes the padding
-        drop out of every softmax exactly.
+        (BENCHMARKS.md, change 6); -inf makes the padding drop out of every softmax exactly.
         """
         c = self.config
         return tied_logits(x, self.wte.embedding[...], c.vocab_size, c.dtype, c.matmul_output)  # (B, T, Vp)

@@ -81,20 +81,20 @@ def _layer_norm_stats(x, eps: float):
 
 
 def _layer_norm_fwd(x, scale, bias, eps):
-    x = x.astype(jnp.float32)
-    mean, rstd = _layer_norm_stats(x, eps)  # (..., 1) each
-    y = (x - mean) * rstd * scale + bias  # (..., C)
-    return y, (x, mean, rstd, scale)
+    x32 = x.astype(jnp.float32)  # (..., C)
+    mean, rstd = _layer_norm_stats(x32, eps)  # (..., 1) each
+    y = (x32 - mean) * rstd * scale + bias  # (..., C)
+    return y, (x, mean, rstd, scale)  # x in its own dtype: a bf16 input is kept in bf16
 
 
 def _layer_norm_bwd(eps, saved, g):
-    x, mean, rstd, scale = after(g, *saved)
-    x_hat = (x - mean) * rstd  # (..., C)
+    x_in, mean, rstd, scale = after(g, *saved)
+    x_hat = (x_in.astype(jnp.float32) - mean) * rstd  # (..., C)
     g_hat = g * scale  # (..., C)
     dx = rstd * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
                  - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True))  # (..., C)
-    batch_axes = tuple(range(x.ndim - 1))
-    return dx, jnp.sum(g * x_hat, axis=batch_axes), jnp.sum(g, axis=batch_axes)
+    batch_axes = tuple(range(x_hat.ndim - 1))
+    return dx.astype(x_in.dtype), jnp.sum(g * x_hat, axis=batch_axes), jnp.sum(g, axis=batch_axes)
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
@@ -253,23 +253,28 @@ def tied_logits(x, wte, vocab_size: int, dtype: str, matmul_output: str = "float
     return logits
 
 
-def cross_entropy(logits, targets):
-    """Mean next-token cross entropy in float32: logits (B, T, V or Vp), targets (B, T).
+def token_cross_entropy(logits, targets):
+    """Cross entropy of each token in float32: logits (B, T, V or Vp), targets (B, T) -> (B, T).
 
-    logsumexp minus the target's logit: the same value as log_softmax then pick, without writing the
-    (B, T, V) log-probabilities out (lm_head + loss measured 15-22% faster on CPU for GPT-2's vocabulary).
+    logsumexp minus the target's logit: the value of log_softmax then pick, without writing the (B, T, V)
+    log-probabilities out, one pass over the logits fewer (see BENCHMARKS.md).
     """
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # (B, T)
-    return (jax.nn.logsumexp(logits, axis=-1) - picked).mean()
+    return jax.nn.logsumexp(logits, axis=-1) - picked  # (B, T)
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token cross entropy in float32: logits (B, T, V or Vp), targets (B, T)."""
+    return token_cross_entropy(logits, targets).mean()
 
 
 def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
     """Mean cross entropy of the logits x @ wte.T (x (B, T, C), wte (Vp, C)) against targets (B, T).
 
     Up to FULL_LOGITS_TOKENS tokens: the full logits and plain autodiff (faster on CPU: XLA overlaps the
-    lm_head's backward matmuls with the blocks'). Beyond, chunk by chunk (_chunked_lm_head_loss): logits of
-    LOSS_CHUNK tokens at a time, never all of them.
+    lm_head's backward matmuls with the blocks', BENCHMARKS.md change 25). Beyond, chunk by chunk
+    (_chunked_lm_head_loss): logits of LOSS_CHUNK tokens at a time, never all of them.
     """
     if x.shape[0] * x.shape[1] <= FULL_LOGITS_TOKENS:
         return cross_entropy(tied_logits(x, wte, vocab_size, dtype, matmul_output), targets)

@@ -85,6 +85,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device of the mesh (scalars such as the loss and metrics)."""
     return NamedSharding(mesh, P())
 
 

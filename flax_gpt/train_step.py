@@ -12,6 +12,7 @@ import optax
 from flax import nnx, struct
 
 from flax_gpt.model import GPT
+from flax_gpt.sharding import replicated
 
 
 @struct.dataclass
@@ -76,9 +77,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     grad_fn = jax.value_and_grad(loss_fn)
     shardings = {}
     if state_sharding is not None:
-        replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
         shardings = dict(in_shardings=(state_sharding, batch_sharding, batch_sharding),
-                         out_shardings=(state_sharding, replicated))
+                         out_shardings=(state_sharding, replicated(batch_sharding.mesh)))
 
     @functools.partial(jax.jit, donate_argnums=(0,) if donate else (), **shardings)
     def train_step(state: TrainState, x, y):
@@ -88,7 +88,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         n_micro = x.shape[0]
-        if n_micro == 1:  # no accumulation loop: its zeroed buffers and adds cost ~20% of a CPU step
+        if n_micro == 1:  # no accumulation loop: its zeroed buffers and adds cost time (BENCHMARKS.md change 11)
             loss_sum, grad_sum = grad_fn(state.params, graphdef, x[0], y[0])
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -108,8 +108,8 @@ def make_eval_step(graphdef: nnx.GraphDef, params_sharding=None, batch_sharding=
     """A jitted eval(params, x, y) -> mean loss of a (B, T) batch."""
     shardings = {}
     if params_sharding is not None:
-        replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-        shardings = dict(in_shardings=(params_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
+        shardings = dict(in_shardings=(params_sharding, batch_sharding, batch_sharding),
+                         out_shardings=replicated(batch_sharding.mesh))
 
     @functools.partial(jax.jit, **shardings)
     def eval_step(params: nnx.State, x, y):

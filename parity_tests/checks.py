@@ -124,16 +124,20 @@ def loss_flax_vs_hf(shape: str) -> Measurement:
     return Measurement(f"loss flax vs transformers [{shape}] relative", abs(float(loss) - ref) / abs(ref), LOSS_REL)
 
 
+PADDED_SHAPES = ("odd", "deep")  # vocab 101 and 97, padded to 128; tiny's 128 is a multiple of 64 already
+
+
 def vocab_padding_invariance(shape: str) -> Measurement:
     """Padding wte to a multiple of 64 (or 1, none) changes logits and loss only by fp32 rounding.
 
-    Bound: LOGITS_MAX_ABS, no longer 0. The padded model multiplies by all Vp rows (twice as fast on CPU,
-    see BENCHMARKS.md), and a matmul with more columns is blocked differently: measured 9.5e-7 on odd and
-    deep (vocab 101, 97 -> 128), 0 on tiny (vocab 128, no padding), on 2026-11-23.
+    Bound: LOGITS_MAX_ABS, not 0. The padded model multiplies by all Vp rows (faster, see BENCHMARKS.md),
+    and a matmul with more columns is blocked differently: measured 9.5e-7 on odd and deep, on 2026-11-23.
     """
     idx = tokens(shape)
     unpadded = GPT.from_pretrained(hf_dir(shape), vocab_multiple=1)
     padded = GPT.from_pretrained(hf_dir(shape), vocab_multiple=64)
+    if padded.config.padded_vocab_size == padded.config.vocab_size:
+        raise ValueError(f"vocab {padded.config.vocab_size} of {shape} needs no padding: nothing would be compared")
     a = unpadded(jnp.asarray(idx[:, :-1]), jnp.asarray(idx[:, 1:]))
     b = padded(jnp.asarray(idx[:, :-1]), jnp.asarray(idx[:, 1:]))
     assert a[0].shape == b[0].shape  # logits over the true vocabulary either way
@@ -327,6 +331,72 @@ def bf16_matmul_fallback_vs_normal(shape: str) -> Measurement:
                        BF16_REL)
 
 
+def plain_layer_norm(x, scale, bias):
+    """GPT-2's LayerNorm written out, for autodiff: x (..., C), eps 1e-5."""
+    mean = x.mean(-1, keepdims=True)  # (..., 1)
+    return (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * scale + bias  # (..., C)
+
+
+def plain_gelu(x):
+    """GPT-2's tanh GELU written out, for autodiff."""
+    return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _normal(*shapes, scale: float = 1.0, seed: int = 0) -> list[jax.Array]:
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(scale * rng.standard_normal(s), jnp.float32) for s in shapes]
+
+
+def _vjp_case(op: str):
+    """(ours, float32 reference, float32 args, which args ours takes in bf16) of one hand-written backward."""
+    if op == "layer_norm":
+        return (lambda x, s, b: ops.layer_norm(x, s, b, 1e-5), plain_layer_norm,
+                _normal((2, 5, 32), scale=3) + _normal((32,), (32,), seed=1), (True, False, False))
+    if op == "gelu":
+        return ops.gelu, plain_gelu, _normal((2, 5, 32), scale=3), (True,)
+    if op == "blocked_attention":  # T past ATTENTION_BLOCK: the blocked path, as the model runs it
+        T = ops.ATTENTION_BLOCK + 44
+
+        def plain(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # (B, T, nh, hs)
+
+        return ops.causal_attention, plain, _normal((1, T, 2, 8), (1, T, 2, 8), (1, T, 2, 8)), (True, True, True)
+    if op == "low_precision_matmul":
+        return (ops.low_precision_matmul, lambda x, w: jnp.dot(x, w, precision="highest"),
+                _normal((2, 5, 32), (32, 24)), (True, False))
+    if op == "chunked_lm_head_loss":  # past FULL_LOGITS_TOKENS tokens: the chunked path, as the model runs it
+        V, Vp, C, T = 100, 128, 16, ops.FULL_LOGITS_TOKENS + 52
+        targets = jnp.asarray(np.random.default_rng(2).integers(0, V, (1, T)), jnp.int32)  # (1, T)
+        x, wte = _normal((1, T, C), (Vp, C))
+        wte = wte.at[V:].set(0)  # (Vp, C) padding rows zero, as in the model
+
+        def plain(x, wte):
+            logp = jax.nn.log_softmax(jnp.dot(x, wte[:V].T, precision="highest"), axis=-1)  # (1, T, V)
+            return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
+
+        # x float32, bf16 compute, as GPT.loss passes the ln_f output
+        return (lambda x, w: ops.lm_head_loss(x, w, targets, V, "bfloat16"), plain, [x, wte], (False, False))
+    raise ValueError(f"unknown op {op!r}")
+
+
+BF16_VJP_OPS = ("layer_norm", "gelu", "blocked_attention", "low_precision_matmul", "chunked_lm_head_loss")
+
+
+def bf16_vjp_vs_float32_autodiff(op: str) -> Measurement:
+    """A hand-written backward of ops on bf16 inputs (bf16 compute) against jax autodiff of its float32
+    formula on the same values: the worst input gradient, and every gradient in its input's dtype."""
+    ours, ref, args, in_bf16 = _vjp_case(op)
+    args = [a.astype(jnp.bfloat16) if b else a for a, b in zip(args, in_bf16)]
+    out = jax.eval_shape(ours, *args)
+    g = _normal(out.shape, seed=3)[0]  # the cotangent's values, given to both in their output dtypes
+    grads = jax.jit(lambda *a: jax.vjp(ours, *a)[1](g.astype(out.dtype)))(*args)
+    ref_grads = jax.jit(lambda *a: jax.vjp(ref, *a)[1](g))(*(a.astype(jnp.float32) for a in args))
+    wrong = [f"{a.dtype} -> {d.dtype}" for a, d in zip(args, grads) if d.dtype != a.dtype]
+    assert not wrong, f"{op}: gradient dtypes differ from their inputs': {wrong}"
+    return Measurement(f"bf16 {op} hand-written backward vs float32 autodiff, worst input gradient relative",
+                       max(rel(d.astype(jnp.float32), r) for d, r in zip(grads, ref_grads)), BF16_REL)
+
+
 # ----------------------------------------------------------------------------- weight transfer
 
 
@@ -514,9 +584,11 @@ def all_forward_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
     for shape in shapes:
         out += [logits_flax_vs_hf(shape), logits_torch_ref_vs_hf(shape), loss_flax_vs_hf(shape),
                 grads_flax_vs_torch_ref(shape), *bf16_vs_autocast(shape), bf16_grads_vs_autocast(shape), causality(shape),
-                causality_by_gradient(shape), vocab_padding_invariance(shape), round_trip_flax_torch_flax(shape),
+                causality_by_gradient(shape), round_trip_flax_torch_flax(shape),
                 state_dict_round_trip(shape), jit_vs_eager(shape), remat_grads(shape),
                 *training_loss_vs_logits_loss(shape), *training_loss_vs_logits_loss(shape, "bfloat16")]
+    out += [vocab_padding_invariance(shape) for shape in PADDED_SHAPES]
+    out += [bf16_vjp_vs_float32_autodiff(op) for op in BF16_VJP_OPS]
     out += [*blocked_attention_vs_xla(), *blocked_attention_vs_xla("bfloat16")]
     out += [logits_flax_vs_hf("odd", layout) for layout in GOOD_LAYOUTS if layout != "safetensors"]
     out += [*bf16_vs_autocast("odd", "compute"), bf16_grads_vs_autocast("tiny", "compute"),
