@@ -104,7 +104,8 @@ def _filler(config: GPTConfig, where: Path):
         leaves = jax.tree.leaves(raw)
         if [tuple(x.shape) for x in leaves] != [tuple(a.shape) for a in wanted]:
             raise RunCheckpointError(f"{where}: the saved state does not have the shapes of its meta's model_config")
-        return nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x, a.dtype) for x, a in zip(leaves, wanted)]))
+        values = [jnp.asarray(x, a.dtype) for x, a in zip(leaves, wanted)]
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
 
     return fill
 

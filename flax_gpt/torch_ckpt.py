@@ -11,6 +11,8 @@ fields). Only the weights move in: nn.Linear (out, in) weights are transposed, l
 Writing: the same dicts (nn.Linear layout, lm_head.weight tied to wte, the true vocabulary). build-nanogpt's
 config is pickled as `__main__.GPTConfig`, as its train_gpt2.py writes it. nanoGPT's optimizer is a
 torch.optim.AdamW state dict with nanoGPT's two parameter groups, holding a training run's AdamW moments.
+nanoGPT's own model.py computes GELU exactly (erf), not with GPT-2's tanh: its logits of the same weights
+differ from ours by up to ~1e-3 (README, "Coming from build-nanogpt / nanoGPT").
 """
 
 from __future__ import annotations

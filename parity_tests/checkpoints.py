@@ -207,7 +207,8 @@ def torch_ref_model(hf_model):
     c = hf_model.config
     config = torch_ref.GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                                  n_head=c.n_head, n_embd=c.n_embd)
-    return torch_ref.load_state_dict(torch_ref.GPT(config), torch_ref.hf_to_torch_state_dict(hf_model.state_dict())).eval()
+    model = torch_ref.load_state_dict(torch_ref.GPT(config), torch_ref.hf_to_torch_state_dict(hf_model.state_dict()))
+    return model.eval()
 
 
 def load_as_the_originals_do(path: Path):
@@ -229,7 +230,8 @@ def load_as_the_originals_do(path: Path):
     if "model_args" in ckpt:
         args = ckpt["model_args"]
         assert args["bias"] is True and args["dropout"] == 0.0, args
-        config = torch_ref.GPTConfig(**{k: args[k] for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")})
+        shape = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+        config = torch_ref.GPTConfig(**{k: args[k] for k in shape})
     else:
         config = ckpt["config"]
     model = torch_ref.GPT(config)

@@ -493,9 +493,9 @@ def export_path(shape: str, fmt: str) -> Path:
     from flax_gpt import torch_ckpt
 
     model = GPT.from_pretrained(hf_dir(shape))
-    ckpt = torch_ckpt.build_nanogpt_checkpoint(model) if fmt == "build-nanogpt" else torch_ckpt.nanogpt_checkpoint(model)
+    write = torch_ckpt.build_nanogpt_checkpoint if fmt == "build-nanogpt" else torch_ckpt.nanogpt_checkpoint
     path = Path(_TMP.name) / f"export-{fmt}-{shape}.pt"
-    torch_ckpt.save(ckpt, path)
+    torch_ckpt.save(write(model), path)
     return path
 
 
