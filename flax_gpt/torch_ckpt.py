@@ -183,6 +183,7 @@ def nanogpt_checkpoint(model: GPT, iter_num: int = 0, best_val_loss: float = 1e9
     model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=True,
                       vocab_size=c.vocab_size, dropout=0.0)
     state = torch_state_dict(model)
+    # the run's settings under nanoGPT's flag names, for the record (its train.py reads its own flags)
     config = {**model_args, "learning_rate": optim.lr, "min_lr": optim.lr * optim.min_lr_ratio,
               "warmup_iters": optim.warmup_steps, "lr_decay_iters": optim.max_steps, "max_iters": optim.max_steps,
               "weight_decay": optim.weight_decay, "beta1": optim.beta1, "beta2": optim.beta2,
