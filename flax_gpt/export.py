@@ -80,8 +80,9 @@ def save_pretrained(model: GPT, out_dir: str | Path, overwrite: bool = False) ->
 
 def save_torch_checkpoint(run: Run, out: str | Path, fmt: str, overwrite: bool = False) -> dict:
     """Write run as a build-nanogpt or nanoGPT checkpoint file; returns {"out", "optimizer", "n_params"}."""
-    from flax_gpt import torch_ckpt  # imports torch
+    from flax_gpt import torch_ckpt
 
+    torch_ckpt.require_torch()
     out = check_file_target(out, overwrite)
     if fmt == "build-nanogpt":
         ckpt, optimizer = torch_ckpt.build_nanogpt_checkpoint(run.model, run.step, run.val_losses.get(run.step)), None
@@ -211,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "hf":
             model = load_model(args.ckpt_dir)
             return model, save_pretrained(model, args.out_dir, overwrite=args.overwrite)
-        check_file_target(args.out_dir, args.overwrite)  # before the (long) load
+        from flax_gpt.torch_ckpt import require_torch
+
+        require_torch()  # both before the (long) load
+        check_file_target(args.out_dir, args.overwrite)
         run = load_run(args.ckpt_dir)
         return run.model, save_torch_checkpoint(run, args.out_dir, args.format, overwrite=args.overwrite)
 

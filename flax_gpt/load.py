@@ -45,7 +45,7 @@ def load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> G
             raise UserError(f"{path} is neither a training run (an out dir with checkpoints/<step>/, or that "
                             "checkpoints dir) nor an HF GPT-2 directory (config.json + model.safetensors)")
     elif path.is_file():
-        from flax_gpt import torch_ckpt  # imports torch
+        from flax_gpt import torch_ckpt  # torch is imported only now
 
         return torch_ckpt.load(path, **numerics)
     return GPT.from_pretrained(str(init_from), **numerics)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from flax_gpt.config import GPTConfig
-from flax_gpt.errors import first_line
+from flax_gpt.errors import UserError, first_line
 from flax_gpt.hf import CheckpointError, from_hf_state_dict, to_hf_state_dict
 from flax_gpt.model import GPT
 from flax_gpt.optim import OptimConfig
@@ -52,13 +52,21 @@ class GPTConfigRecord:
         self.__dict__.update(state)
 
 
+def require_torch():
+    """The torch module; without it a UserError that says how to install it."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("reading or writing a .pt checkpoint needs torch: pip install 'flax-gpt[torch]'") from None
+    return torch
+
+
 # ----------------------------------------------------------------------------- reading
 
 
 def read(path: Path) -> dict:
     """The checkpoint dict in path, read by torch.load(weights_only=True); a pickled GPTConfig becomes a dict."""
-    import torch
-
+    torch = require_torch()
     configs = [type("GPTConfig", (GPTConfigRecord,), {"__module__": module})
                for module, name in _pickled_globals(path) if name == "GPTConfig"]
     try:
@@ -125,8 +133,7 @@ def _config(fields: dict, path: Path, **numerics) -> GPTConfig:
 
 def _hf_tensors(state: dict, config: GPTConfig, path: Path) -> dict[str, np.ndarray]:
     """HF-layout float32 arrays (Conv1D (in, out), true vocabulary) of a torch state dict."""
-    import torch
-
+    torch = require_torch()
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     if bad := [k for k, v in state.items() if not isinstance(v, torch.Tensor)]:
         raise CheckpointError(f"{path}: 'model' holds non-tensors ({', '.join(bad[:3])})")
@@ -156,8 +163,7 @@ def torch_state_dict(model: GPT) -> dict:
 
 def _torch_tensors(model: GPT) -> dict:
     """The parameters of model (or AdamW moments shaped like them) as torch tensors, in torch_names order."""
-    import torch
-
+    torch = require_torch()
     hf = to_hf_state_dict(model)  # 'transformer.' keys, Conv1D (in, out), unpadded wte
     return {k: torch.from_numpy(np.array(hf[k].T if k.endswith(LINEAR_WEIGHTS) else hf[k], order="C"))  # copies
             for k in torch_names(model.config.n_layer)}
@@ -198,8 +204,7 @@ def adamw_state_dict(state: dict, optim: OptimConfig, adam: tuple[GPT, GPT, int]
     Group 0 decays the tensors of 2 or more dims, group 1 the rest not (optax's decay_mask); exp_avg / exp_avg_sq /
     step are optax's mu / nu / count, which torch's AdamW uses in the same update.
     """
-    import torch
-
+    torch = require_torch()
     params = {k: torch.nn.Parameter(v, requires_grad=False) for k, v in state.items() if k != "lm_head.weight"}
     groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": optim.weight_decay},
               {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
@@ -215,8 +220,7 @@ def adamw_state_dict(state: dict, optim: OptimConfig, adam: tuple[GPT, GPT, int]
 
 def save(ckpt: dict, file) -> None:
     """torch.save(ckpt, file), a GPTConfigRecord pickled as `__main__.GPTConfig` (build-nanogpt's class)."""
-    import torch
-
+    torch = require_torch()
     torch.save(ckpt, file, pickle_module=_PICKLE)
 
 

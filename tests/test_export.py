@@ -295,3 +295,13 @@ def test_a_failed_pt_export_leaves_nothing_behind(odd_model, tmp_path, monkeypat
     with pytest.raises(UserError):
         export.save_torch_checkpoint(Run(odd_model), tmp_path / "ckpt.pt", "build-nanogpt", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"] and (tmp_path / "ckpt.pt").read_bytes() == b"previous"
+
+
+def test_without_torch_a_pt_is_one_line_naming_the_extra(exported, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    assert export.main([str(exported), str(tmp_path / "ckpt.pt"), "--format", "nanogpt"]) == 2
+    assert "needs torch: pip install 'flax-gpt[torch]'" in one_line_error(capsys)
+    assert not (tmp_path / "ckpt.pt").exists()
+    (tmp_path / "theirs.pt").write_bytes(b"a checkpoint")
+    with pytest.raises(UserError, match="needs torch"):
+        load_model(tmp_path / "theirs.pt")
