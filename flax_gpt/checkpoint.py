@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from flax_gpt.errors import UserError
@@ -105,6 +106,21 @@ class Checkpointer:
         used, params, failed = self._first_readable(read, step)
         self._report(failed, used)
         return params
+
+    def restore_raw(self, step: int | None = None) -> tuple[Any, dict]:
+        """The whole state as saved (nested dicts and lists of numpy arrays) and the metadata of a step (default:
+        the newest readable), for tools that read a run without knowing its optimizer (export)."""
+        def read(s: int) -> tuple[Any, dict]:
+            saved = ocp.PyTreeCheckpointer().metadata(self.directory / str(s) / "state")
+            saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)  # the tree of array metadata
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)  # on any topology
+            args = ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=as_numpy), meta=ocp.args.JsonRestore())
+            restored = self._manager.restore(s, args=args)
+            return restored["state"], restored["meta"]
+
+        used, result, failed = self._first_readable(read, step)
+        self._report(failed, used)
+        return result
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -3,6 +3,12 @@
 import sys
 
 
+def first_line(e: BaseException) -> str:
+    """'TypeName: the first line of its message' (200 characters at most), for one-line reports of other errors."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 class UserError(Exception):
     """A problem with the user's input; CLIs print its message in one line and exit 2."""
 

@@ -34,7 +34,7 @@ N_ENDINGS = 4
 class EvalConfig:
     """Evaluate a GPT on a text file (loss, perplexity) and/or HellaSwag-format jsonl."""
 
-    init_from: str  # a training out dir or checkpoints dir, an HF GPT-2 directory, or an HF hub id
+    init_from: str  # a training out dir or checkpoints dir, an HF GPT-2 dir, a build-nanogpt/nanoGPT .pt, an HF hub id
     data: str | None = None  # text / .jsonl / .parquet file or directory, or token shards (their val split): loss
     batch_size: int = 8  # windows per batch
     seq_len: int | None = None  # tokens per window; default the model's block_size

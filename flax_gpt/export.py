@@ -1,12 +1,17 @@
-"""flax_gpt.GPT -> an HF GPT-2 directory that `transformers.GPT2LMHeadModel.from_pretrained` loads.
+"""flax_gpt.GPT -> an HF GPT-2 directory (the default), or a build-nanogpt / nanoGPT checkpoint file.
 
-    python -m flax_gpt.export out/ exported/            # a training run (or its checkpoints dir)
+    python -m flax_gpt.export out/ exported/                            # a training run (or its checkpoints dir)
     python -m flax_gpt.export out/ exported/ --overwrite
+    python -m flax_gpt.export out/ model_00040.pt --format build-nanogpt  # build-nanogpt's log/model_XXXXX.pt
+    python -m flax_gpt.export out/ ckpt.pt --format nanogpt               # nanoGPT's out/ckpt.pt
 
-The directory holds config.json, model.safetensors ('transformer.'-prefixed HF names, Conv1D
+The HF directory holds config.json, model.safetensors ('transformer.'-prefixed HF names, Conv1D
 (in, out) layout, float32, no lm_head.weight: it is tied to wte) and generation_config.json.
 Files are written into a temporary directory next to OUT_DIR and moved in only when all are
 complete, so a failed or killed export never leaves a half-written model.safetensors.
+A .pt checkpoint (see flax_gpt.torch_ckpt) is written to a temporary file beside it and renamed over
+it; an existing file is replaced only with --overwrite. From a training run, nanoGPT's file carries
+the run's step and AdamW moments, so nanoGPT's `train.py --init_from=resume` continues the run.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from safetensors.numpy import save_file
 
 from flax_gpt.errors import UserError, run_cli
 from flax_gpt.hf import config_to_hf, to_hf_state_dict
+from flax_gpt.load import Run
 from flax_gpt.model import GPT
+from flax_gpt.optim import OptimConfig
 
 EXPORT_FILES = ("model.safetensors", "generation_config.json", "config.json")  # moved in this order
 # Weight files an HF loader would read instead of (or besides) our model.safetensors: removed on --overwrite.
@@ -69,6 +76,54 @@ def save_pretrained(model: GPT, out_dir: str | Path, overwrite: bool = False) ->
                 _remove_empty(created)
     return {"out_dir": str(out_dir), "files": list(EXPORT_FILES),
             "n_params": int(sum(t.size for t in tensors.values()))}
+
+
+def save_torch_checkpoint(run: Run, out: str | Path, fmt: str, overwrite: bool = False) -> dict:
+    """Write run as a build-nanogpt or nanoGPT checkpoint file; returns {"out", "optimizer", "n_params"}."""
+    from flax_gpt import torch_ckpt
+
+    torch_ckpt.require_torch()
+    out = check_file_target(out, overwrite)
+    if fmt == "build-nanogpt":
+        ckpt, optimizer = torch_ckpt.build_nanogpt_checkpoint(run.model, run.step, run.val_losses.get(run.step)), None
+    else:
+        best = min((loss for step, loss in run.val_losses.items() if step <= run.step), default=1e9)
+        ckpt = torch_ckpt.nanogpt_checkpoint(run.model, run.step, best, _optim_config(run.train_config), run.adam)
+        optimizer = f"AdamW moments of step {run.step}" if run.adam else "empty AdamW state (fresh moments)"
+    created = _make_parents(out.parent)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch_ckpt.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)  # a reader sees the old file or the new one, never a cut one
+        tmp = None
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from e
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+            _remove_empty(created)
+    n_params = sum(t.numel() for k, t in ckpt["model"].items() if k != "lm_head.weight")
+    return {"out": str(out), "optimizer": optimizer, "n_params": n_params}
+
+
+def check_file_target(out: str | Path, overwrite: bool) -> Path:
+    """The absolute path of a checkpoint file to write; refuses a directory, and an existing file unless overwrite."""
+    out = Path(out).expanduser().absolute()
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; pass the checkpoint file to write, e.g. {out / 'ckpt.pt'}")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; choose another path or pass --overwrite to replace it")
+    return out
+
+
+def _optim_config(train_config: dict | None) -> OptimConfig:
+    """The AdamW settings of a flax_gpt run (its TrainConfig record); OptimConfig's defaults without one."""
+    fields = ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "grad_clip")
+    return OptimConfig(**{k: train_config[k] for k in fields if (train_config or {}).get(k) is not None})
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
@@ -138,27 +193,42 @@ def _remove_stale_weights(out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flax_gpt.export",
-        description="Export a flax_gpt model (training run, checkpoints dir, HF dir or hub id) as an HF GPT-2 "
-                    "directory: config.json + model.safetensors + generation_config.json.")
+        description="Export a flax_gpt model (training run, checkpoints dir, HF dir, .pt file or hub id) as an HF "
+                    "GPT-2 directory (config.json + model.safetensors + generation_config.json), or as a "
+                    "build-nanogpt or nanoGPT checkpoint file.")
     parser.add_argument("ckpt_dir", metavar="CKPT_DIR",
-                        help="a training out dir or its checkpoints dir (latest step), or an HF GPT-2 dir")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the HF directory")
+                        help="a training out dir or its checkpoints dir (latest step), an HF GPT-2 dir, or a .pt")
+    parser.add_argument("out_dir", metavar="OUT", help="where to write: the HF directory, or the .pt file")
+    parser.add_argument("--format", choices=("hf", "build-nanogpt", "nanogpt"), default="hf",
+                        help="hf: an HF GPT-2 directory; build-nanogpt: log/model_XXXXX.pt's dict; nanogpt: "
+                             "out/ckpt.pt's dict, with the run's AdamW state")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty directory that is not a previous export")
+                        help="write into a non-empty directory that is not a previous export, or replace a .pt")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = parser.parse_args(argv)
-    from flax_gpt.load import load_model
+    from flax_gpt.load import load_model, load_run
 
     def export():
-        model = load_model(args.ckpt_dir)
-        return model, save_pretrained(model, args.out_dir, overwrite=args.overwrite)
+        if args.format == "hf":
+            model = load_model(args.ckpt_dir)
+            return model, save_pretrained(model, args.out_dir, overwrite=args.overwrite)
+        from flax_gpt.torch_ckpt import require_torch
+
+        require_torch()  # both before the (long) load
+        check_file_target(args.out_dir, args.overwrite)
+        run = load_run(args.ckpt_dir)
+        return run.model, save_torch_checkpoint(run, args.out_dir, args.format, overwrite=args.overwrite)
 
     exported, code = run_cli(export, args.debug)
     if code:
         return code
     model, result = exported
     c = model.config
-    print(f"wrote {result['out_dir']}: {', '.join(sorted(result['files']))}")
+    if args.format == "hf":
+        print(f"wrote {result['out_dir']}: {', '.join(sorted(result['files']))}")
+    else:
+        optimizer = f" + {result['optimizer']}" if result["optimizer"] else ""
+        print(f"wrote {result['out']}: {args.format} checkpoint, weights{optimizer}")
     print(f"{result['n_params']:,} params ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
           f"vocab {c.vocab_size}, block_size {c.block_size})")
     return 0

@@ -128,7 +128,7 @@ def stream(model: GPT, idx, max_new_tokens: int, *, temperature: float = 1.0,
 class GenerateConfig:
     """Sample text from a training checkpoint, an HF directory or a hub id."""
 
-    init_from: str  # a training out dir / checkpoints dir, an HF directory, or a hub id (gpt2, ...)
+    init_from: str  # a training out dir / checkpoints dir, an HF directory, a build-nanogpt / nanoGPT .pt, or a hub id
     prompt: str = "\n"  # text to continue
     max_new_tokens: int = 100
     num_samples: int = 3

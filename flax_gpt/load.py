@@ -1,17 +1,20 @@
 """One way to get a trained GPT from wherever it lives: `model = load_model("out")`.
 
     load_model   a training run's out dir or its checkpoints dir (orbax), an HF GPT-2 directory
-                 (config.json + weights), or an HF hub id (gpt2, gpt2-medium, ...)
+                 (config.json + weights), a build-nanogpt / nanoGPT checkpoint file (.pt), or an HF hub id
+    load_run     the same GPT with what its source knows of its run (a training run's step, AdamW moments, ...)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
 from flax_gpt.config import GPTConfig
-from flax_gpt.errors import UserError
+from flax_gpt.errors import UserError, first_line
 from flax_gpt.model import GPT
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -26,7 +29,8 @@ def load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> G
 
     A directory holding numbered step directories (or a `checkpoints/` folder of them) is a
     training run: its latest step's parameters are loaded. Any other directory must be an HF
-    GPT-2 directory; anything else is tried as an HF hub id (online or from the HF cache).
+    GPT-2 directory; a file must be a build-nanogpt or nanoGPT checkpoint (torch.save, read without
+    running code); anything else is tried as an HF hub id (online or from the HF cache).
     numerics: GPTConfig fields that do not change the parameters (remat, matmul_output, ...).
     """
     if dtype is not None and dtype not in _DTYPES:
@@ -40,7 +44,95 @@ def load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> G
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is neither a training run (an out dir with checkpoints/<step>/, or that "
                             "checkpoints dir) nor an HF GPT-2 directory (config.json + model.safetensors)")
+    elif path.is_file():
+        from flax_gpt import torch_ckpt  # torch is imported only now
+
+        return torch_ckpt.load(path, **numerics)
     return GPT.from_pretrained(str(init_from), **numerics)
+
+
+@dataclasses.dataclass
+class Run:
+    """A GPT and what its source knows of the run that trained it."""
+
+    model: GPT
+    step: int = 0  # optimizer steps taken
+    train_config: dict | None = None  # a flax_gpt run's TrainConfig, as its checkpoint meta records it
+    adam: tuple[GPT, GPT, int] | None = None  # AdamW moments (mu, nu: shaped like the model) and update count
+    val_losses: dict[int, float] = dataclasses.field(default_factory=dict)  # by step, from the run's metrics.jsonl
+
+
+def load_run(init_from: str | Path) -> Run:
+    """The float32 GPT of load_model(init_from) with its run: a training run's latest readable step gives its
+    step, settings, AdamW moments and val losses; any other source is a Run at step 0 with nothing else."""
+    from flax_gpt.checkpoint import Checkpointer
+
+    path = Path(init_from).expanduser()
+    ckpt_dir = _checkpoint_dir(path) if path.is_dir() else None
+    if ckpt_dir is None:
+        return Run(load_model(init_from))
+    ckpt = None
+    try:
+        with _quiet_absl():  # orbax warns that a read-only manager will not save, and of missing metadata files
+            ckpt = Checkpointer(ckpt_dir, read_only=True)
+            tree, meta = ckpt.restore_raw()
+    except UserError:
+        raise
+    except Exception as e:  # orbax raises many types for unreadable or half-written directories
+        raise RunCheckpointError(f"{ckpt_dir}: cannot read the training checkpoint ({first_line(e)})") from e
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    config = _run_config(meta, ckpt_dir)
+    fill = _filler(config, ckpt_dir)
+    adam = _adam_moments(tree.get("opt_state") if isinstance(tree, dict) else None)
+    return Run(fill(tree["params"]), step=int(meta["step"]), train_config=meta.get("train_config"),
+               adam=(fill(adam["mu"]), fill(adam["nu"]), int(adam["count"])) if adam else None,
+               val_losses=_val_losses(ckpt_dir.parent / "metrics.jsonl"))
+
+
+def _filler(config: GPTConfig, where: Path):
+    """fill(raw) -> a GPT of config whose parameters are the leaves of raw (a restored tree in parameter order)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config)), nnx.Param)
+    wanted, treedef = jax.tree.flatten(abstract)
+
+    def fill(raw) -> GPT:
+        leaves = jax.tree.leaves(raw)
+        if [tuple(x.shape) for x in leaves] != [tuple(a.shape) for a in wanted]:
+            raise RunCheckpointError(f"{where}: the saved state does not have the shapes of its meta's model_config")
+        values = [jnp.asarray(x, a.dtype) for x, a in zip(leaves, wanted)]
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+
+    return fill
+
+
+def _adam_moments(tree) -> dict | None:
+    """The {'count', 'mu', 'nu'} of optax's AdamW state inside a restored opt_state tree, if there is one."""
+    if isinstance(tree, dict):
+        if {"count", "mu", "nu"} <= tree.keys():
+            return tree
+        tree = list(tree.values())
+    for child in tree if isinstance(tree, (list, tuple)) else ():
+        if (found := _adam_moments(child)) is not None:
+            return found
+    return None
+
+
+def _val_losses(metrics: Path) -> dict[int, float]:
+    """{step: val loss} of a run's metrics.jsonl (none if it is missing; half-written lines are skipped)."""
+    losses = {}
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            losses[int(record["step"])] = float(record["val_loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return losses
 
 
 def _checkpoint_dir(path: Path) -> Path | None:
@@ -66,13 +158,8 @@ def load_checkpoint_model(ckpt_dir: Path, **numerics) -> GPT:
     except UserError:
         raise
     except Exception as e:  # orbax raises many types for unreadable or half-written directories
-        raise RunCheckpointError(f"{ckpt_dir}: cannot read the training checkpoint ({_first_line(e)})") from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
-        raise RunCheckpointError(f"{ckpt_dir}: the checkpoint's meta has no model_config; not a flax_gpt training run")
-    try:
-        config = GPTConfig(**{**meta["model_config"], **numerics})
-    except (TypeError, ValueError) as e:
-        raise RunCheckpointError(f"{ckpt_dir}: bad model_config in the checkpoint's meta ({_first_line(e)})") from e
+        raise RunCheckpointError(f"{ckpt_dir}: cannot read the training checkpoint ({first_line(e)})") from e
+    config = _run_config(meta, ckpt_dir, **numerics)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config)), nnx.Param)
     on = jax.sharding.SingleDeviceSharding(_default_device())  # orbax itself ignores jax.default_device
     try:
@@ -81,10 +168,20 @@ def load_checkpoint_model(ckpt_dir: Path, **numerics) -> GPT:
         raise
     except Exception as e:
         raise RunCheckpointError(f"{ckpt_dir}: cannot restore the parameters of step {ckpt.latest_step()} "
-                                 f"({_first_line(e)})") from e
+                                 f"({first_line(e)})") from e
     finally:
         ckpt.close()
     return nnx.merge(graphdef, params)
+
+
+def _run_config(meta, ckpt_dir: Path, **numerics) -> GPTConfig:
+    """The model config a training checkpoint's meta records, with numerics applied."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise RunCheckpointError(f"{ckpt_dir}: the checkpoint's meta has no model_config; not a flax_gpt training run")
+    try:
+        return GPTConfig(**{**meta["model_config"], **numerics})
+    except (TypeError, ValueError) as e:
+        raise RunCheckpointError(f"{ckpt_dir}: bad model_config in the checkpoint's meta ({first_line(e)})") from e
 
 
 def _default_device():
@@ -104,8 +201,3 @@ def _quiet_absl():
         yield
     finally:
         logger.setLevel(level)
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__

@@ -26,12 +26,22 @@ Layouts (what lands in the directory):
     truncated            model.safetensors cut to half its bytes
     unexpected-key       an extra transformer.h.0.attn.extra.weight (C, C)
     no-config            model.safetensors alone, no config.json
+
+The originals' own checkpoint files (one .pt each, see save_build_nanogpt / save_nanogpt):
+
+  build-nanogpt        {'model': state_dict(), 'config': GPTConfig(...), 'step', 'val_loss'}, the GPTConfig
+                       dataclass of a module that is gone when the file is read (train_gpt2.py's __main__)
+  nanogpt              {'model' ('_orig_mod.' keys, as under torch.compile), 'optimizer', 'model_args',
+                       'iter_num', 'best_val_loss' (a tensor), 'config'}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +69,8 @@ SHAPES = (
     Shape("odd", n_layer=3, n_head=3, n_embd=48, n_positions=40, vocab_size=101),  # 3 heads, vocab % 64 != 0
     Shape("deep", n_layer=4, n_head=4, n_embd=64, n_positions=32, vocab_size=97),
 )
-SHAPES_BY_NAME = {s.name: s for s in SHAPES}
+PADDED = Shape("padded", n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50304)  # the originals' vocab
+SHAPES_BY_NAME = {s.name: s for s in (*SHAPES, PADDED)}
 
 
 def hf_config(shape: Shape | str):
@@ -155,6 +166,16 @@ def save_checkpoint(hf_model, directory: str | Path, layout: str) -> Path:
     return directory
 
 
+class RunsCode:
+    """Unpickling this creates `marker`: proof that a loader ran code from the file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def _save_sharded_bin(tensors: dict[str, torch.Tensor], directory: Path):
     """pytorch_model-0000i-of-0000n.bin files and the pytorch_model.bin.index.json naming them."""
     keys = list(tensors)
@@ -174,3 +195,73 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
     """A private copy of a checkpoint directory, for tests that modify files."""
     shutil.copytree(src, dst)
     return dst
+
+
+# ----------------------------------------------------------------------------- the originals' .pt files
+
+
+def torch_ref_model(hf_model):
+    """A torch_ref.GPT (eval) holding hf_model's weights: the originals' nn.Linear layout."""
+    import torch_ref
+
+    c = hf_model.config
+    config = torch_ref.GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                                 n_head=c.n_head, n_embd=c.n_embd)
+    model = torch_ref.load_state_dict(torch_ref.GPT(config), torch_ref.hf_to_torch_state_dict(hf_model.state_dict()))
+    return model.eval()
+
+
+def load_as_the_originals_do(path: Path):
+    """(torch_ref.GPT, the dict) of a .pt read as the originals' scripts read theirs: torch.load(weights_only=False)
+    in a __main__ that defines GPTConfig (train_gpt2.py), GPT(ckpt['config']) for build-nanogpt,
+    GPT(GPTConfig(**model_args)) with '_orig_mod.' stripped for nanoGPT; load_state_dict strict. torch_ref stands
+    for their GPT (the same modules, parameter names and order; its GPTConfig has no bias / dropout)."""
+    import torch_ref
+
+    main = sys.modules["__main__"]
+    saved = main.__dict__.get("GPTConfig")
+    main.GPTConfig = torch_ref.GPTConfig
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    finally:
+        del main.GPTConfig
+        if saved is not None:
+            main.GPTConfig = saved
+    if "model_args" in ckpt:
+        args = ckpt["model_args"]
+        assert args["bias"] is True and args["dropout"] == 0.0, args
+        shape = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+        config = torch_ref.GPTConfig(**{k: args[k] for k in shape})
+    else:
+        config = ckpt["config"]
+    model = torch_ref.GPT(config)
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}, strict=True)
+    return model.eval(), ckpt
+
+
+def save_build_nanogpt(model, path: Path, module: str = "train_gpt2_run_as_main") -> Path:
+    """torch.save what build-nanogpt's train_gpt2.py saves, its GPTConfig dataclass living in `module`, which
+    exists only while saving (as train_gpt2.py's __main__ exists only while it runs)."""
+    fields = [(name, int) for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")]
+    config_class = dataclasses.make_dataclass("GPTConfig", fields)
+    config_class.__module__ = module
+    sys.modules[module] = types.ModuleType(module)
+    sys.modules[module].GPTConfig = config_class
+    try:
+        config = config_class(**{name: getattr(model.config, name) for name, _ in fields})
+        torch.save({"model": model.state_dict(), "config": config, "step": 19072, "val_loss": 3.07}, path)
+    finally:
+        del sys.modules[module]
+    return path
+
+
+def save_nanogpt(model, path: Path, optimizer=None, bias: bool = True) -> Path:
+    """torch.save what nanoGPT's train.py saves for a model trained under torch.compile ('_orig_mod.' keys)."""
+    c = model.config
+    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=bias,
+                      vocab_size=c.vocab_size, dropout=0.1)
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items() if bias or not k.endswith(".bias")}
+    optimizer = optimizer or model.configure_optimizers(0.1, 6e-4, "cpu")
+    torch.save({"model": state, "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 2000,
+                "best_val_loss": torch.tensor(1.4697), "config": {**model_args, "compile": True}}, path)
+    return path

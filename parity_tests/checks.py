@@ -28,7 +28,8 @@ from flax import nnx  # noqa: E402
 import torch_ref  # noqa: E402
 from flax_gpt import GPT, ops  # noqa: E402
 from flax_gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
-from parity_tests.checkpoints import SHAPES_BY_NAME, make_hf_model, save_checkpoint  # noqa: E402
+from parity_tests.checkpoints import (SHAPES_BY_NAME, load_as_the_originals_do, make_hf_model,  # noqa: E402
+                                      save_build_nanogpt, save_checkpoint, save_nanogpt, torch_ref_model)
 
 # The parity tolerance table: a bound changes only with a measured reason beside it.
 LOGITS_MAX_ABS = 1e-5
@@ -533,6 +534,86 @@ def accumulation_equals_big_batch(shape: str = "odd", k: int = 4) -> tuple[Measu
 def all_optimizer_checks() -> list[Measurement]:
     return [schedule_vs_build_nanogpt(), *adamw_step_flax_vs_torch_ref(), trajectory_flax_vs_torch_ref(),
             *accumulation_equals_big_batch()]
+
+
+# ----------------------------------------------------------------------------- build-nanogpt / nanoGPT .pt files
+
+
+ORIGINAL_FORMATS = ("build-nanogpt", "nanogpt")
+
+
+def logits_from_original_file(fmt: str, shape: str) -> Measurement:
+    """A torch_ref model saved as build-nanogpt / nanoGPT save theirs (a GPTConfig of a module gone at load time;
+    '_orig_mod.' keys, model_args) loads with load_model: the same logits over the true vocabulary (50304 -> 50257)."""
+    from flax_gpt.load import load_model
+
+    ref = torch_ref_model(hf_model(shape))
+    path = Path(_TMP.name) / f"original-{fmt}-{shape}.pt"
+    (save_build_nanogpt if fmt == "build-nanogpt" else save_nanogpt)(ref, path)
+    model = load_model(path)
+    idx = tokens(shape) % model.config.vocab_size  # ids of the true vocabulary
+    with torch.no_grad():
+        theirs, _ = ref(torch.from_numpy(idx))  # (B, T, V) with V 50304 for the padded shape
+    return Measurement(f"{fmt} .pt -> flax logits vs torch_ref [{shape}] max abs",
+                       max_abs(flax_logits(model, idx), theirs.numpy()[..., :model.config.vocab_size]), LOGITS_MAX_ABS)
+
+
+def export_path(shape: str, fmt: str) -> Path:
+    """A flax model of the shape written as fmt's .pt by torch_ckpt (the export's writer)."""
+    from flax_gpt import torch_ckpt
+
+    model = GPT.from_pretrained(hf_dir(shape))
+    write = torch_ckpt.build_nanogpt_checkpoint if fmt == "build-nanogpt" else torch_ckpt.nanogpt_checkpoint
+    path = Path(_TMP.name) / f"export-{fmt}-{shape}.pt"
+    torch_ckpt.save(write(model), path)
+    return path
+
+
+def logits_after_export_to_original(fmt: str, shape: str) -> Measurement:
+    """A flax model exported as fmt loads into torch_ref by the originals' code (strict): the same logits."""
+    ref, _ = load_as_the_originals_do(export_path(shape, fmt))
+    idx = tokens(shape)
+    with torch.no_grad():
+        theirs, _ = ref(torch.from_numpy(idx))
+    return Measurement(f"flax -> {fmt} .pt -> torch_ref logits [{shape}] max abs",
+                       max_abs(flax_logits(GPT.from_pretrained(hf_dir(shape)), idx), theirs.numpy()), LOGITS_MAX_ABS)
+
+
+def adamw_state_to_nanogpt(shape: str = "odd", steps: int = 3) -> tuple[Measurement, Measurement]:
+    """A flax run's AdamW state after `steps` steps, written in nanoGPT's file, loaded into torch_ref's AdamW
+    (nanoGPT's two groups): one more step on each side gives the same parameters (key-bias slice apart)."""
+    import optax
+
+    from flax_gpt import torch_ckpt
+
+    c = _opt_cfg()
+    batches = _batches(shape, steps + 1)
+    graphdef, state, step = _flax_trainer(shape, c)
+    for x, y in batches[:steps]:
+        state, _ = step(state, jnp.asarray(x[None]), jnp.asarray(y[None]))
+    adam, = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    moments = (nnx.merge(graphdef, adam.mu), nnx.merge(graphdef, adam.nu), int(adam.count))
+    path = Path(_TMP.name) / f"adamw-{shape}.pt"
+    torch_ckpt.save(torch_ckpt.nanogpt_checkpoint(nnx.merge(graphdef, state.params), steps, 1e9, c, moments), path)
+    model, ckpt = load_as_the_originals_do(path)
+    opt = model.configure_optimizers(c.weight_decay, c.lr, "cpu")
+    opt.load_state_dict(ckpt["optimizer"])
+    x, y = batches[steps]
+    torch_ref.train_step(model, opt, [(torch.from_numpy(x), torch.from_numpy(y))], _torch_lr(steps, c))
+    state, _ = step(state, jnp.asarray(x[None]), jnp.asarray(y[None]))
+    ours, ref = to_hf_state_dict(nnx.merge(graphdef, state.params)), torch_ref.torch_to_hf_state_dict(model)
+    C = SHAPES_BY_NAME[shape].n_embd
+    (ours_rest, ours_kb), (ref_rest, ref_kb) = _key_bias_split(ours, C), _key_bias_split(ref, C)
+    return (Measurement(f"AdamW state flax -> nanoGPT .pt -> torch_ref, step {steps + 1} both sides [{shape}] params "
+                        "after, worst relative", max(rel(ours_rest[k], ref_rest[k]) for k in ref_rest), ADAMW_STEP_REL),
+            Measurement(f"AdamW state -> nanoGPT .pt, step {steps + 1} [{shape}] key-bias slice |diff| / (2 lr)",
+                        max(max_abs(ours_kb[k], ref_kb[k]) for k in ref_kb) / (2 * _torch_lr(steps, c)), 1.0))
+
+
+def all_conversion_checks() -> list[Measurement]:
+    return [*(logits_from_original_file(fmt, s) for fmt, s in (("build-nanogpt", "padded"), ("nanogpt", "odd"))),
+            *(logits_after_export_to_original(fmt, "odd") for fmt in ORIGINAL_FORMATS), *adamw_state_to_nanogpt()]
 
 
 # ----------------------------------------------------------------------------- generation

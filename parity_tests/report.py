@@ -20,7 +20,8 @@ def main() -> int:
 
     from parity_tests import checks
 
-    measurements = checks.all_forward_checks() + checks.all_optimizer_checks() + checks.all_generation_checks()
+    measurements = (checks.all_forward_checks() + checks.all_optimizer_checks() + checks.all_generation_checks()
+                    + checks.all_conversion_checks())
     print(f"flax-gpt parity report, {datetime.date.today().isoformat()}, {platform.machine()} "
           f"{platform.system()} ({os.cpu_count()} cores), {jax.devices()[0].platform}; jax {jax.__version__}, "
           f"flax {flax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; fp32 unless said\n")

@@ -1,13 +1,15 @@
-"""Each broken HF checkpoint fails with a CheckpointError that names the problem."""
+"""Each broken HF checkpoint or .pt file fails with a CheckpointError that names the problem; none runs code."""
 
 import json
 import shutil
 
 import pytest
 
-from flax_gpt import GPT
+from flax_gpt import GPT, torch_ckpt
 from flax_gpt.hf import CheckpointError
-from parity_tests.checkpoints import copy_checkpoint
+from flax_gpt.load import load_model
+from parity_tests.checkpoints import (RunsCode, copy_checkpoint, make_hf_model, save_build_nanogpt, save_nanogpt,
+                                      torch_ref_model)
 
 EXPECTED = {
     "missing-key": r"missing 1 tensor\(s\): h\.0\.mlp\.c_fc\.bias",
@@ -38,23 +40,13 @@ def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
 # ----------------------------------------------------------------------------- safe loading
 
 
-class _RunsCode:
-    """Unpickling this creates `marker`: proof that a loader ran code from the file."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_bin_that_would_run_code_is_refused_and_never_run(checkpoint_dir, tmp_path):
     import torch
 
     model_dir = copy_checkpoint(checkpoint_dir("bin"), tmp_path / "model")
     marker = tmp_path / "code_ran"
     state = torch.load(model_dir / "pytorch_model.bin", weights_only=True)
-    state["h.0.attn.c_attn.bias"] = _RunsCode(str(marker))  # an otherwise valid file with one poisoned entry
+    state["h.0.attn.c_attn.bias"] = RunsCode(str(marker))  # an otherwise valid file with one poisoned entry
     torch.save(state, model_dir / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: cannot read weights"):
         GPT.from_pretrained(str(model_dir))
@@ -84,3 +76,75 @@ def test_config_code_references_are_data_never_run(checkpoint_dir, tmp_path):
     model = GPT.from_pretrained(str(model_dir))
     assert model.config.n_layer == config["n_layer"]
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- build-nanogpt / nanoGPT .pt files
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    """(torch_ref model, its build-nanogpt .pt, its nanoGPT .pt) of the tiny shape."""
+    model = torch_ref_model(make_hf_model("tiny"))
+    where = tmp_path_factory.mktemp("originals")
+    return model, save_build_nanogpt(model, where / "model_19072.pt"), save_nanogpt(model, where / "ckpt.pt")
+
+
+@pytest.mark.parametrize("where", ["val_loss", "config", "state dict"])
+def test_a_pt_that_would_run_code_is_refused_and_never_run(original, tmp_path, where):
+    import torch
+
+    model, _, _ = original
+    marker = tmp_path / "code_ran"
+    ckpt = {"model": model.state_dict(), "config": {"n_layer": 2}, "step": 1, "val_loss": 3.0}
+    if where == "state dict":
+        ckpt["model"]["transformer.h.0.attn.c_attn.bias"] = RunsCode(str(marker))
+    else:
+        ckpt[where] = RunsCode(str(marker))
+    torch.save(ckpt, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"evil\.pt: refused, it pickles more than tensors.*nothing in it was run"):
+        load_model(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def _truncated(src, dst):
+    dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+
+
+def _untied(model, dst):
+    import torch
+
+    state = dict(model.state_dict())
+    state["lm_head.weight"] = state["lm_head.weight"] + 1.0  # a copy that differs from wte
+    torch.save({"model": state, "config": {k: getattr(model.config, k) for k in torch_ckpt.SHAPE_FIELDS}}, dst)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", r"not a torch\.save file, or truncated"),
+    ("text", r"not a torch\.save file, or truncated"),
+    ("unknown dict", r"neither a build-nanogpt checkpoint \('model' \+ 'config'\) nor a nanoGPT one .*'weights', 'epoch'"),
+    ("bias=False", r"a nanoGPT model with bias=False; flax_gpt's GPT-2 has a bias in every Linear and LayerNorm"),
+    ("untied head", r"lm_head\.weight differs from transformer\.wte\.weight"),
+    ("no block_size", r"the model config has no block_size"),
+])
+def test_bad_pt_files_raise_named_errors(original, tmp_path, case, message):
+    import torch
+
+    model, build_nanogpt, nanogpt = original
+    path = tmp_path / "bad.pt"
+    if case == "truncated":
+        _truncated(nanogpt, path)
+    elif case == "text":
+        path.write_text("not a checkpoint\n")
+    elif case == "unknown dict":
+        torch.save({"weights": model.state_dict(), "epoch": 3}, path)
+    elif case == "bias=False":
+        save_nanogpt(model, path, bias=False)
+    elif case == "untied head":
+        _untied(model, path)
+    else:
+        ckpt = torch_ckpt.read(build_nanogpt)
+        del ckpt["config"]["block_size"]
+        torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_model(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)

@@ -1,5 +1,6 @@
 """Export to an HF GPT-2 directory: transformers loads it with our logits, from_pretrained gives the
-same bits back, the CLI exports a training run, and nothing is overwritten or left half-written."""
+same bits back, the CLI exports a training run, and nothing is overwritten or left half-written (nor is a
+build-nanogpt / nanoGPT .pt; their contents are checked in parity_tests and test_original_checkpoints_cli)."""
 
 import dataclasses
 import json
@@ -17,10 +18,10 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from flax_gpt import export  # noqa: E402
+from flax_gpt import export, torch_ckpt  # noqa: E402
 from flax_gpt.config import preset  # noqa: E402
 from flax_gpt.errors import UserError  # noqa: E402
-from flax_gpt.load import load_model  # noqa: E402
+from flax_gpt.load import Run, load_model  # noqa: E402
 from flax_gpt.model import GPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,3 +262,46 @@ def test_load_model_errors_are_one_line(case, tmp_path, capsys):
 def test_load_model_rejects_an_unknown_dtype(exported):
     with pytest.raises(UserError, match="dtype"):
         load_model(str(exported), dtype="float16")
+
+
+# ----------------------------------------------------------------------------- build-nanogpt / nanoGPT files
+
+
+@pytest.mark.parametrize("fmt", ["build-nanogpt", "nanogpt"])
+def test_a_pt_is_replaced_only_with_overwrite(exported, tmp_path, capsys, fmt):
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"their checkpoint")
+    assert export.main([str(exported), str(target), "--format", fmt]) == 2
+    assert "exists; choose another path or pass --overwrite" in one_line_error(capsys)
+    assert target.read_bytes() == b"their checkpoint"
+    assert export.main([str(exported), str(tmp_path), "--format", fmt]) == 2
+    assert "is a directory; pass the checkpoint file to write" in one_line_error(capsys)
+    assert export.main([str(exported), str(target), "--format", fmt, "--overwrite"]) == 0
+    assert f"{fmt} checkpoint, weights" in capsys.readouterr().out
+    assert torch_ckpt.read(target)["model"]["transformer.h.2.attn.c_attn.weight"].shape == (144, 48)  # nn.Linear
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_a_failed_pt_export_leaves_nothing_behind(odd_model, tmp_path, monkeypatch):
+    def half_write(ckpt, f):
+        f.write(b"\0" * 100)  # a partial checkpoint ...
+        raise OSError(28, "No space left on device")  # ... then the disk fills up
+
+    monkeypatch.setattr(torch_ckpt, "save", half_write)
+    with pytest.raises(UserError, match="No space left on device"):
+        export.save_torch_checkpoint(Run(odd_model), tmp_path / "new" / "ckpt.pt", "nanogpt")
+    assert list(tmp_path.iterdir()) == []  # neither the temporary file nor the parent it made
+    (tmp_path / "ckpt.pt").write_bytes(b"previous")
+    with pytest.raises(UserError):
+        export.save_torch_checkpoint(Run(odd_model), tmp_path / "ckpt.pt", "build-nanogpt", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"] and (tmp_path / "ckpt.pt").read_bytes() == b"previous"
+
+
+def test_without_torch_a_pt_is_one_line_naming_the_extra(exported, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    assert export.main([str(exported), str(tmp_path / "ckpt.pt"), "--format", "nanogpt"]) == 2
+    assert "needs torch: pip install 'flax-gpt[torch]'" in one_line_error(capsys)
+    assert not (tmp_path / "ckpt.pt").exists()
+    (tmp_path / "theirs.pt").write_bytes(b"a checkpoint")
+    with pytest.raises(UserError, match="needs torch"):
+        load_model(tmp_path / "theirs.pt")
