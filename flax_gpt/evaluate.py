@@ -166,7 +166,8 @@ def read_hellaswag(path: str | Path) -> list[dict]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise UserError(f"--hellaswag {path}: no such file") from None
+        raise UserError(f"--hellaswag {path}: no such file; pass HellaSwag's validation JSON Lines "
+                        "(hellaswag_val.jsonl as published, or a file in its format)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--hellaswag {path}: cannot read as UTF-8 text ({e})") from None
     examples = []
