@@ -11,8 +11,9 @@ partial batch are padded and masked out. Loss is the mean over predicted tokens.
 HellaSwag: scored as build-nanogpt's hellaswag.py does. Per example, 4 rows of context tokens
 + " " + ending tokens, the per-token cross entropy of the ending tokens; acc picks the ending
 with the lowest summed loss, acc_norm the lowest mean loss. Rows are batched with one padded
-length (one compile); `train.py --hellaswag` scores with the same functions (hellaswag_batches,
-make_hellaswag_step, score_batches), its batches split over processes and devices.
+length (one compile), logits only where they predict an ending token; `train.py --hellaswag` scores
+with the same functions (hellaswag_batches, make_hellaswag_step, score_batches), its batches split over
+processes and devices.
 """
 
 from __future__ import annotations
@@ -213,11 +214,11 @@ def render_example(example: Mapping, block_size: int, enc=None, where: str = "ex
     return tokens, mask
 
 
-def make_hellaswag_step(graphdef, params_sharding=None, rows_sharding=None):
+def make_hellaswag_step(graphdef, ending_len: int, params_sharding=None, rows_sharding=None):
     """A jitted step(params, tokens, mask) -> (sum, count) (R,) each of the masked ending losses per row.
 
-    With shardings (train.py on several devices) the rows are split over the devices like the val batches and
-    both outputs come back whole on every device.
+    ending_len: the most ending tokens of any row (ending_length). With shardings (train.py on several devices)
+    the rows are split over the devices like the val batches and both outputs come back whole on every device.
     """
     import jax
     from flax import nnx
@@ -229,19 +230,34 @@ def make_hellaswag_step(graphdef, params_sharding=None, rows_sharding=None):
 
     @functools.partial(jax.jit, **shardings)
     def step(params, tokens, mask):
-        logits, _ = nnx.merge(graphdef, params)(tokens)  # (R, L, V)
-        return ending_losses(logits, tokens, mask)  # (R,), (R,)
+        model = nnx.merge(graphdef, params)
+        x, _ = model.trunk(tokens)  # (R, L, C)
+        return ending_losses(model.lm_head, x, tokens, mask, ending_len)  # (R,), (R,)
 
     return step
 
 
-def ending_losses(logits, tokens, mask):
-    """Summed loss and token count of each row's ending: logits (R, L, V), tokens and mask (R, L) -> (R,), (R,)."""
+def ending_losses(lm_head, x, tokens, mask, ending_len: int):
+    """Summed loss and token count of each row's ending: x (R, L, C) the final hidden states, tokens and mask
+    (R, L) -> (R,), (R,).
+
+    Logits only where they predict an ending token: the ending_len positions from the one before each row's
+    ending (the lm_head is a third of a GPT-2 forward pass; over the contexts it would be wasted).
+    """
     import jax.numpy as jnp
 
-    losses = token_losses(logits[:, :-1], tokens[:, 1:])  # (R, L-1): loss of predicting token t+1
-    shift_mask = mask[:, 1:].astype(jnp.float32)  # (R, L-1)
-    return jnp.sum(losses * shift_mask, axis=1), jnp.sum(shift_mask, axis=1)  # (R,), (R,)
+    L = tokens.shape[1]
+    first = jnp.maximum(jnp.argmax(mask, axis=1) - 1, 0)  # (R,) the position that predicts the ending's first token
+    pos = jnp.minimum(first[:, None] + jnp.arange(ending_len), L - 2)  # (R, K)
+    logits = lm_head(jnp.take_along_axis(x, pos[..., None], axis=1))  # (R, K, V)
+    losses = token_losses(logits, jnp.take_along_axis(tokens, pos + 1, axis=1))  # (R, K): predicting pos + 1
+    valid = (jnp.arange(ending_len) < jnp.sum(mask, axis=1)[:, None]).astype(jnp.float32)  # (R, K)
+    return jnp.sum(losses * valid, axis=1), jnp.sum(valid, axis=1)  # (R,), (R,)
+
+
+def ending_length(rendered: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """The most ending tokens of any row of the rendered examples: make_hellaswag_step's ending_len."""
+    return max(int(mask.sum(axis=1).max()) for _, mask in rendered)
 
 
 def hellaswag_batches(rendered: list[tuple[np.ndarray, np.ndarray]], examples_per_batch: int, block_size: int,
@@ -303,7 +319,7 @@ def score_hellaswag(model, examples: Iterable[Mapping], examples_per_batch: int 
     rendered = [render_example(e, block_size, enc, f"example {i}") for i, e in enumerate(examples)]
     graphdef, state = nnx.split(model)
     labels = np.array([e["label"] for e in examples])
-    return score_batches(make_hellaswag_step(graphdef), state,
+    return score_batches(make_hellaswag_step(graphdef, ending_length(rendered)), state,
                          hellaswag_batches(rendered, examples_per_batch, block_size), labels)
 
 

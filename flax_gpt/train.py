@@ -524,8 +524,8 @@ def hellaswag_eval(cfg: TrainConfig, examples: list[dict], config: GPTConfig, gr
     n_devices = jax.local_device_count() if eval_sharding is not None else 1
     per_process = hellaswag_examples_per_batch(cfg.batch_size, n_devices)
     batches = ev.hellaswag_batches(rendered, per_process, config.block_size, process_index, process_count)
-    return HellaSwagEval(ev.make_hellaswag_step(graphdef, params_sharding, eval_sharding), batches,
-                         np.array([e["label"] for e in examples]), cfg.hellaswag)
+    step = ev.make_hellaswag_step(graphdef, ev.ending_length(rendered), params_sharding, eval_sharding)
+    return HellaSwagEval(step, batches, np.array([e["label"] for e in examples]), cfg.hellaswag)
 
 
 def hellaswag_examples_per_batch(batch_size: int, n_devices: int) -> int:

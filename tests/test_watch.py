@@ -145,6 +145,23 @@ def test_a_missing_logging_package_is_one_error_line(module, flags, fragment, ru
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def test_wandb_that_cannot_start_is_one_line_naming_login_and_offline(tmp_path, monkeypatch):
+    import types
+
+    from flax_gpt.errors import UserError
+    from flax_gpt.sinks import WandbSink
+
+    def init(**kwargs):  # an error of wandb's own, of several lines (online, without a login, say)
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore detail")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    with pytest.raises(UserError) as e:
+        WandbSink("proj", "abcd1234", {}, tmp_path)
+    assert str(e.value) == ("--wandb-project proj: W&B did not start (api_key not configured (no-tty). call "
+                            "wandb.login(key=[your_api_key])); run `wandb login`, or set WANDB_MODE=offline to log "
+                            "locally and `wandb sync` later")
+
+
 # ----------------------------------------------------------------------------- HellaSwag
 
 
