@@ -10,12 +10,16 @@ partial batch are padded and masked out. Loss is the mean over predicted tokens.
 
 HellaSwag: scored as build-nanogpt's hellaswag.py does. Per example, 4 rows of context tokens
 + " " + ending tokens, the per-token cross entropy of the ending tokens; acc picks the ending
-with the lowest summed loss, acc_norm the lowest mean loss.
+with the lowest summed loss, acc_norm the lowest mean loss. Rows are batched with one padded
+length (one compile), logits only where they predict an ending token; `train.py --hellaswag` scores
+with the same functions (hellaswag_batches, make_hellaswag_step, score_batches), its batches split over
+processes and devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -156,7 +160,8 @@ def read_hellaswag(path: str | Path) -> list[dict]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise UserError(f"--hellaswag {path}: no such file") from None
+        raise UserError(f"--hellaswag {path}: no such file; pass HellaSwag's validation JSON Lines "
+                        "(hellaswag_val.jsonl as published, or a file in its format)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--hellaswag {path}: cannot read as UTF-8 text ({e})") from None
     examples = []
@@ -202,32 +207,101 @@ def render_example(example: Mapping, block_size: int, enc=None, where: str = "ex
     return tokens, mask
 
 
-def make_hellaswag_step(model):
-    """A jitted step(params, tokens, mask) -> (sum, count) of the masked ending losses per row, (R,) each."""
+def make_hellaswag_step(graphdef, ending_len: int, params_sharding=None, rows_sharding=None):
+    """A jitted step(params, tokens, mask) -> (sum, count) (R,) each of the masked ending losses per row.
+
+    ending_len: the most ending tokens of any row (ending_length). With shardings (train.py on several devices)
+    the rows are split over the devices like the val batches and both outputs come back whole on every device.
+    """
     import jax
-    import jax.numpy as jnp
     from flax import nnx
+
+    shardings = {}
+    if params_sharding is not None:
+        replicated = jax.sharding.NamedSharding(rows_sharding.mesh, jax.sharding.PartitionSpec())
+        shardings = dict(in_shardings=(params_sharding, rows_sharding, rows_sharding), out_shardings=replicated)
+
+    @functools.partial(jax.jit, **shardings)
+    def step(params, tokens, mask):
+        model = nnx.merge(graphdef, params)
+        x, _ = model.trunk(tokens)  # (R, L, C)
+        return ending_losses(model.lm_head, x, tokens, mask, ending_len)  # (R,), (R,)
+
+    return step
+
+
+def ending_losses(lm_head, x, tokens, mask, ending_len: int):
+    """Summed loss and token count of each row's ending: x (R, L, C) the final hidden states, tokens and mask
+    (R, L) -> (R,), (R,).
+
+    Logits only where they predict an ending token: the ending_len positions from the one before each row's
+    ending (the lm_head is a third of a GPT-2 forward pass; over the contexts it would be wasted).
+    """
+    import jax.numpy as jnp
 
     from flax_gpt.ops import token_cross_entropy
 
-    graphdef, _ = nnx.split(model)
+    L = tokens.shape[1]
+    first = jnp.maximum(jnp.argmax(mask, axis=1) - 1, 0)  # (R,) the position that predicts the ending's first token
+    pos = jnp.minimum(first[:, None] + jnp.arange(ending_len), L - 2)  # (R, K)
+    logits = lm_head(jnp.take_along_axis(x, pos[..., None], axis=1))  # (R, K, V)
+    losses = token_cross_entropy(logits, jnp.take_along_axis(tokens, pos + 1, axis=1))  # (R, K): predicting pos + 1
+    valid = (jnp.arange(ending_len) < jnp.sum(mask, axis=1)[:, None]).astype(jnp.float32)  # (R, K)
+    return jnp.sum(losses * valid, axis=1), jnp.sum(valid, axis=1)  # (R,), (R,)
 
-    @jax.jit
-    def step(state, tokens, mask):
-        logits, _ = nnx.merge(graphdef, state)(tokens)  # (R, L, V)
-        losses = token_cross_entropy(logits[:, :-1], tokens[:, 1:])  # (R, L-1): loss of predicting token t+1
-        shift_mask = mask[:, 1:].astype(jnp.float32)  # (R, L-1)
-        return jnp.sum(losses * shift_mask, axis=1), jnp.sum(shift_mask, axis=1)  # (R,), (R,)
 
-    return step
+def ending_length(rendered: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """The most ending tokens of any row of the rendered examples: make_hellaswag_step's ending_len."""
+    return max(int(mask.sum(axis=1).max()) for _, mask in rendered)
+
+
+def hellaswag_batches(rendered: list[tuple[np.ndarray, np.ndarray]], examples_per_batch: int, block_size: int,
+                      process_index: int = 0, process_count: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """This process's (tokens, mask) (E*4, L) int32 rows of each global batch of E*processes examples.
+
+    One L for all batches (the longest row rounded up to a multiple of 32, at most block_size), so the step
+    compiles once. Global batch b holds examples b*G .. b*G+G-1 (G = E * processes) in order, process p the
+    p-th E of them; rows past the last example are all 0 (mask 0). Padding at the end of a row changes
+    nothing before it (causal attention).
+    """
+    G = examples_per_batch * process_count
+    L = min(block_size, -(-max(t.shape[1] for t, _ in rendered) // 32) * 32)
+    batches = []
+    for first in range(0, len(rendered), G):
+        mine = rendered[first + process_index * examples_per_batch : first + (process_index + 1) * examples_per_batch]
+        tokens = np.zeros((examples_per_batch * N_ENDINGS, L), np.int32)  # (E*4, L)
+        mask = np.zeros((examples_per_batch * N_ENDINGS, L), np.int32)  # (E*4, L) padding rows: all 0
+        for j, (t, m) in enumerate(mine):
+            tokens[j * N_ENDINGS : (j + 1) * N_ENDINGS, : t.shape[1]] = t
+            mask[j * N_ENDINGS : (j + 1) * N_ENDINGS, : m.shape[1]] = m
+        batches.append((tokens, mask))
+    return batches
+
+
+def score_batches(step, params, batches, labels: np.ndarray, to_device=None) -> dict:
+    """acc, acc_norm, n, correct counts and predictions from the batches of hellaswag_batches (all processes).
+
+    to_device(rows) puts this process's (E*4, L) rows where the step wants them (default: jnp.asarray).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    to_device = to_device or jnp.asarray
+    outputs = [step(params, to_device(tokens), to_device(mask)) for tokens, mask in batches]  # all queued first
+    sums, counts = (np.concatenate([np.asarray(o[i], np.float64) for o in jax.device_get(outputs)]) for i in (0, 1))
+    n = len(labels)
+    sums, counts = sums.reshape(-1, N_ENDINGS)[:n], counts.reshape(-1, N_ENDINGS)[:n]  # (n, 4): padding dropped
+    pred = np.argmin(sums, axis=1)  # the ending with the lowest summed loss
+    pred_norm = np.argmin(sums / counts, axis=1)  # ... with the lowest mean loss per token
+    return {"acc": float(np.mean(pred == labels)), "acc_norm": float(np.mean(pred_norm == labels)), "n": n,
+            "correct": int(np.sum(pred == labels)), "correct_norm": int(np.sum(pred_norm == labels)),
+            "pred": pred.tolist(), "pred_norm": pred_norm.tolist()}
 
 
 def score_hellaswag(model, examples: Iterable[Mapping], examples_per_batch: int = 4) -> dict:
     """acc, acc_norm, n and the per-example predictions (pred, pred_norm) of model on HellaSwag examples.
 
-    examples: dicts with ctx (or ctx_a, ctx_b), endings (4 strings) and label. Rows are padded
-    to a length bucket (a multiple of 32, at most block_size) so few shapes get compiled;
-    padding at the end of a row changes nothing before it (causal attention).
+    examples: dicts with ctx (or ctx_a, ctx_b), endings (4 strings) and label.
     """
     from flax import nnx
 
@@ -238,29 +312,10 @@ def score_hellaswag(model, examples: Iterable[Mapping], examples_per_batch: int 
         raise UserError("no HellaSwag examples to score")
     block_size, enc = model.config.block_size, get_encoding()
     rendered = [render_example(e, block_size, enc, f"example {i}") for i, e in enumerate(examples)]
-    step = make_hellaswag_step(model)
-    state = nnx.state(model)
-    sums = np.zeros((len(examples), N_ENDINGS))
-    counts = np.zeros((len(examples), N_ENDINGS))
-    for first in range(0, len(examples), examples_per_batch):
-        group = rendered[first : first + examples_per_batch]
-        L = min(block_size, -(-max(t.shape[1] for t, _ in group) // 32) * 32)
-        tokens = np.zeros((examples_per_batch * N_ENDINGS, L), np.int32)  # (E*4, L)
-        mask = np.zeros((examples_per_batch * N_ENDINGS, L), np.int32)  # (E*4, L) padding rows: all 0
-        for j, (t, m) in enumerate(group):
-            tokens[j * N_ENDINGS : (j + 1) * N_ENDINGS, : t.shape[1]] = t
-            mask[j * N_ENDINGS : (j + 1) * N_ENDINGS, : m.shape[1]] = m
-        s, c = step(state, tokens, mask)
-        n = len(group)
-        sums[first : first + n] = np.asarray(s, np.float64).reshape(examples_per_batch, N_ENDINGS)[:n]
-        counts[first : first + n] = np.asarray(c, np.float64).reshape(examples_per_batch, N_ENDINGS)[:n]
-    pred = np.argmin(sums, axis=1)  # argmax of -sum loss
-    pred_norm = np.argmin(sums / counts, axis=1)  # argmax of -mean loss
+    graphdef, state = nnx.split(model)
     labels = np.array([e["label"] for e in examples])
-    return {"acc": float(np.mean(pred == labels)), "acc_norm": float(np.mean(pred_norm == labels)),
-            "n": len(examples), "correct": int(np.sum(pred == labels)),
-            "correct_norm": int(np.sum(pred_norm == labels)),
-            "pred": pred.tolist(), "pred_norm": pred_norm.tolist()}
+    return score_batches(make_hellaswag_step(graphdef, ending_length(rendered)), state,
+                         hellaswag_batches(rendered, examples_per_batch, block_size), labels)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,4 +1,4 @@
-"""Throughput and MFU, the per-step metrics file, and the loss-curve picture."""
+"""Throughput and MFU, and the per-step metrics file (metrics.jsonl) with the sinks that get the same records."""
 
 from __future__ import annotations
 
@@ -99,10 +99,14 @@ def peak_device_memory_gib() -> float | None:
 
 
 class MetricsLog:
-    """One JSON object per line in OUT_DIR/metrics.jsonl; a resumed run drops steps it will redo."""
+    """One JSON object per line in OUT_DIR/metrics.jsonl; a resumed run drops steps it will redo.
 
-    def __init__(self, path: Path, resume_from_step: int | None = None, enabled: bool = True):
+    sinks: objects with write(record) and close() (flax_gpt.sinks: TensorBoard, W&B) that get every record too.
+    """
+
+    def __init__(self, path: Path, resume_from_step: int | None = None, enabled: bool = True, sinks=()):
         self.path, self.enabled = path, enabled  # only one process of a multi-process run writes
+        self.sinks = list(sinks) if enabled else []
         if not enabled:
             return
         if resume_from_step is None:
@@ -118,6 +122,14 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        """Flush and close the sinks (the file is closed after every record)."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def read(self) -> list[dict]:
         if not self.enabled:
@@ -131,33 +143,3 @@ def _step_of(line: str) -> float:
         return json.loads(line).get("step", math.inf)
     except ValueError:
         return math.inf
-
-
-def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
-    """Train loss (raw and smoothed) and val loss against step, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if train:
-        steps, losses = map(np.asarray, zip(*train))
-        k = max(1, len(losses) // 25)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3 if k > 1 else 1.0, linewidth=0.8, label="train")
-        if k > 1:
-            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], smooth, color="tab:blue", linewidth=1.6, label=f"train (mean of {k})")
-    if val:
-        steps, losses = zip(*val)
-        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=1.6, label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

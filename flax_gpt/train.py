@@ -3,9 +3,10 @@
     TrainConfig, RUN_PRESETS   the flags and the recipes that fill the ones not given
     restored_config            on --resume: the run's own flags from its checkpoint, refusing contradicting ones
     setup                      device, data, model and optimizer state, jitted steps, checkpoints, logs
-    train                      the step loop: eval + sample, one optimizer step, checkpoint, stop on Ctrl-C
-    StepRecorder               each step's metrics -> metrics.jsonl, the progress bar, the log line; divergence
-    run                        all of it, then the loss plot and a summary
+    train                      the step loop: evaluations, one optimizer step, checkpoint, stop on Ctrl-C
+    StepRecorder               each step's metrics -> metrics.jsonl (and its sinks), the progress bar, the log line
+    eval_and_sample            val loss, HellaSwag, a sample -> metrics.jsonl, the log line, the plots
+    run                        all of it, then the plots and a summary
 """
 
 from __future__ import annotations
@@ -53,7 +54,13 @@ class TrainConfig:
     eval_batches: int | None = None  # val batches per evaluation
     ckpt_interval: int | None = None  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3
-    sample_tokens: int = 64  # tokens sampled at each evaluation; 0 turns sampling off
+    sample_tokens: int = 64  # tokens sampled at each evaluation (seed: --seed + step); 0 turns sampling off
+    sample_prompt: str = "<|endoftext|>"  # the text each evaluation's sample continues
+    hellaswag: str | None = None  # HellaSwag val JSON Lines (as published): acc and acc_norm during training
+    hellaswag_interval: int | None = None  # steps between HellaSwag evaluations; default --eval-interval
+    hellaswag_limit: int | None = None  # score only the file's first N examples (quick runs)
+    tensorboard: bool = False  # also write TensorBoard event files to OUT_DIR/tensorboard (extra: tensorboard)
+    wandb_project: str | None = None  # also log to this Weights & Biases project (extra: wandb; WANDB_MODE=offline works)
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "metal"] = "auto"
     sharding: Literal["auto", "none", "dp", "fsdp"] = "auto"  # auto: dp when more than one device is visible
@@ -124,13 +131,23 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg, **filled)
     cfg = dataclasses.replace(cfg, decay_steps=cfg.decay_steps or cfg.max_steps)
     for name in ("max_steps", "decay_steps", "batch_size", "seq_len", "total_batch_size", "eval_interval",
-                 "eval_batches", "ckpt_interval", "keep_checkpoints", "log_interval"):
+                 "eval_batches", "ckpt_interval", "keep_checkpoints", "log_interval", "hellaswag_interval",
+                 "hellaswag_limit"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.warmup_steps < 0 or cfg.sample_tokens < 0 or cfg.extend_steps < 0:
         raise UserError("--lr must be positive and --warmup-steps, --sample-tokens, --extend-steps non-negative")
     if cfg.extend_steps and not cfg.resume:
         raise UserError("--extend-steps continues a run: use it with --resume")
+    if cfg.hellaswag is None and (cfg.hellaswag_interval or cfg.hellaswag_limit):
+        raise UserError("--hellaswag-interval and --hellaswag-limit set how --hellaswag FILE is scored: pass the file")
+    if not cfg.sample_prompt:
+        raise UserError("--sample-prompt is empty; give some text, or the default <|endoftext|>")
+    for module, wanted in (("tensorboardX", cfg.tensorboard), ("wandb", cfg.wandb_project)):
+        if wanted:
+            from flax_gpt.sinks import require
+
+            require(module)  # a missing package fails before JAX starts
     grad_accum_steps(cfg)  # raises early if the tokens per step are not a whole number of micro batches
     return cfg
 
@@ -324,6 +341,8 @@ class Run:
     n_params: int
     is_main: bool
     start_step: int = 0
+    hellaswag: Any = None  # HellaSwagEval of --hellaswag, or None
+    plotted_at: float = dataclasses.field(default_factory=time.monotonic)  # when the plots were last drawn
 
     def to_device(self, local: np.ndarray, sharding):
         """This process's numpy rows as (its part of) a device array."""
@@ -354,6 +373,7 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
     if cfg.resume:
         cfg = restored_config(cfg, given, saved.get("train_config", {}), ckpt_root, platform)
     cfg = resolve(cfg)
+    examples = _hellaswag_examples(cfg)
     devices.enable_compile_cache()
     caps = devices.capabilities(platform)
     dtype = devices.compute_dtype(cfg.dtype, platform, training=True)
@@ -362,6 +382,7 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
 
     from flax_gpt.metrics import MetricsLog, peak_flops
     from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
+    from flax_gpt.sinks import new_run_id, open_sinks
     from flax_gpt.train_step import make_eval_step, make_train_step
 
     source = data_lib.resolve_source(cfg.data, Path.cwd())
@@ -394,6 +415,9 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
     if mesh is not None:
         batch_sh = shard.batch_sharding(mesh)
         eval_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard.AXIS, None))
+    _check_sample_prompt(cfg, config)
+    hellaswag = hellaswag_eval(cfg, examples, config, graphdef, state_sh.params if state_sh else None, eval_sh,
+                               proc, n_proc) if examples else None
 
     ckpt = Checkpointer(ckpt_root, keep=cfg.keep_checkpoints)
     start_step = 0
@@ -414,17 +438,23 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
     is_main = proc == 0
     n_params = sum(x.size for x in jax.tree.leaves(state.params)) - config.block_size * config.n_embd
     saved_cfg = dataclasses.replace(cfg, data=str(source), extend_steps=0,
-                                    dtype={"float32": "fp32", "bfloat16": "bf16"}[dtype])
+                                    dtype={"float32": "fp32", "bfloat16": "bf16"}[dtype],
+                                    hellaswag=cfg.hellaswag and str(Path(cfg.hellaswag).expanduser().resolve()))
+    meta = {"model_config": _config_record(config), "train_config": dataclasses.asdict(saved_cfg), "data": data,
+            "seed": cfg.seed}
+    wandb_run_id = saved.get("wandb_run_id") or (new_run_id() if cfg.wandb_project else None)
+    if wandb_run_id:  # kept in every later checkpoint: a resumed run logs on into the same W&B run
+        meta["wandb_run_id"] = wandb_run_id
+    sinks = open_sinks(out_dir, start_step, cfg.tensorboard, cfg.wandb_project, wandb_run_id,
+                       meta["train_config"]) if is_main else []
     r = Run(cfg=cfg, platform=platform, dtype=dtype, out_dir=out_dir, config=config, graphdef=graphdef, state=state,
             train_step=make_train_step(graphdef, tx, lr_schedule(optim_cfg), state_sh, batch_sh, donate=caps.donation),
             eval_step=make_eval_step(graphdef, state_sh.params if state_sh else None, eval_sh),
             loader=loader, val_batches=val_batches, batch_sharding=batch_sh, eval_sharding=eval_sh, ckpt=ckpt,
             metrics_log=MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if cfg.resume else None,
-                                   enabled=is_main),
-            meta={"model_config": _config_record(config), "train_config": dataclasses.asdict(saved_cfg),
-                  "data": data, "seed": cfg.seed},
-            accum=accum, tokens_per_step=accum * cfg.batch_size * cfg.seq_len * n_proc, n_params=n_params,
-            is_main=is_main, start_step=start_step)
+                                   enabled=is_main, sinks=sinks),
+            meta=meta, accum=accum, tokens_per_step=accum * cfg.batch_size * cfg.seq_len * n_proc, n_params=n_params,
+            is_main=is_main, start_step=start_step, hellaswag=hellaswag)
     step_devices = jax.local_devices() if strategy != "none" else jax.local_devices()[:1]  # in each process
     peak, peak_source = peak_flops(dtype, step_devices, n_proc)
     r.log(f"model: {n_params / 1e6:.1f}M params, {config.n_layer} layers, {config.n_embd} wide, dtype {dtype}, "
@@ -436,6 +466,13 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
               (f" (extended by {cfg.extend_steps}: lr {cfg.lr * cfg.min_lr_ratio:.3g} after step {cfg.decay_steps})"
                if cfg.extend_steps else ""))
     r.log(f"mfu against {peak / 1e12:.3g} TFLOP/s: {peak_source}" if peak else f"note: mfu is not reported: {peak_source}")
+    if hellaswag:
+        rows, length = hellaswag.batches[0][0].shape
+        r.log(f"hellaswag: {len(hellaswag.labels)} examples of {cfg.hellaswag} every "
+              f"{cfg.hellaswag_interval or cfg.eval_interval} steps, {len(hellaswag.batches)} batches of "
+              f"{rows * n_proc}x{length} tokens")
+    for sink in sinks:
+        r.log(f"logging to {sink.where}")
     if caps.fallbacks():
         r.log(f"{platform} falls back to: {', '.join(caps.fallbacks())}")
     return r, peak
@@ -452,6 +489,64 @@ def _saved_meta(ckpt_root: Path) -> dict:
         return ckpt.restore_meta()
     finally:
         ckpt.close()
+
+
+def _hellaswag_examples(cfg: TrainConfig) -> list[dict] | None:
+    """The first --hellaswag-limit examples of --hellaswag (all without a limit), each checked; None without it."""
+    if cfg.hellaswag is None:
+        return None
+    from flax_gpt.evaluate import read_hellaswag
+
+    return read_hellaswag(cfg.hellaswag)[: cfg.hellaswag_limit]
+
+
+@dataclasses.dataclass
+class HellaSwagEval:
+    """--hellaswag's examples in fixed-shape batches (this process's rows) and the jitted step that scores them."""
+
+    step: Any  # jitted (params, tokens (R, L), mask (R, L)) -> (sums (R,), counts (R,)), R over all processes
+    batches: list  # [(tokens, mask)] (E*4, L) int32 each
+    labels: np.ndarray  # (n,) the right ending of every example
+    path: str
+
+
+def hellaswag_eval(cfg: TrainConfig, examples: list[dict], config: GPTConfig, graphdef, params_sharding,
+                   eval_sharding, process_index: int, process_count: int) -> HellaSwagEval:
+    """The examples rendered as evaluate.py renders them, batched over processes and devices like the val loss."""
+    import jax
+
+    from flax_gpt import evaluate as ev
+    from flax_gpt.tokenizer import get_encoding
+
+    enc = get_encoding()
+    rendered = [ev.render_example(e, config.block_size, enc, f"--hellaswag {cfg.hellaswag}: example {i + 1}")
+                for i, e in enumerate(examples)]
+    n_devices = jax.local_device_count() if eval_sharding is not None else 1
+    per_process = hellaswag_examples_per_batch(cfg.batch_size, n_devices)
+    batches = ev.hellaswag_batches(rendered, per_process, config.block_size, process_index, process_count)
+    step = ev.make_hellaswag_step(graphdef, ev.ending_length(rendered), params_sharding, eval_sharding)
+    return HellaSwagEval(step, batches, np.array([e["label"] for e in examples]), cfg.hellaswag)
+
+
+def hellaswag_examples_per_batch(batch_size: int, n_devices: int) -> int:
+    """Examples per process in a HellaSwag batch: about batch_size rows (4 per example), and rows that split
+    evenly over the process's devices."""
+    from flax_gpt.evaluate import N_ENDINGS
+
+    unit = n_devices // math.gcd(n_devices, N_ENDINGS)
+    return -(-max(1, batch_size // N_ENDINGS) // unit) * unit
+
+
+def _check_sample_prompt(cfg: TrainConfig, config: GPTConfig) -> None:
+    """The prompt must leave room in the context for at least one sampled token."""
+    if cfg.sample_tokens == 0:
+        return
+    from flax_gpt.tokenizer import get_encoding
+
+    n = len(get_encoding().encode(cfg.sample_prompt, allowed_special="all"))
+    if n >= config.block_size:
+        raise UserError(f"--sample-prompt is {n} tokens, the model's context is {config.block_size}: "
+                        "shorten it (or pass --sample-tokens 0)")
 
 
 def _check_model_fits_data(cfg: TrainConfig, config: GPTConfig) -> None:
@@ -511,8 +606,17 @@ def evaluate(r: Run) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
-def sample(r: Run) -> str:
-    """--sample-tokens tokens from <|endoftext|> (top-k 50), decoded; '' when sampling is off."""
+def hellaswag(r: Run) -> dict:
+    """HellaSwag acc, acc_norm, n and correct counts of the current parameters (all processes)."""
+    from flax_gpt.evaluate import score_batches
+
+    h = r.hellaswag
+    return score_batches(h.step, r.state.params, h.batches, h.labels, lambda rows: r.to_device(rows, r.eval_sharding))
+
+
+def sample(r: Run, step: int) -> str:
+    """--sample-tokens tokens after --sample-prompt (top-k 50, seed --seed + step), decoded with the prompt unless
+    it is <|endoftext|>; '' when sampling is off."""
     if r.cfg.sample_tokens == 0:
         return ""
     from flax import nnx
@@ -521,28 +625,73 @@ def sample(r: Run) -> str:
     from flax_gpt.tokenizer import get_encoding
 
     enc = get_encoding()
-    n_new = min(r.cfg.sample_tokens, r.config.block_size - 1)
-    ids = generate(nnx.merge(r.graphdef, r.state.params), [[enc.eot_token]], n_new, temperature=1.0, top_k=50,
-                   seed=r.cfg.seed)
-    return enc.decode([int(t) for t in ids[0, 1:]])
+    prompt = enc.encode(r.cfg.sample_prompt, allowed_special="all")
+    n_new = min(r.cfg.sample_tokens, r.config.block_size - len(prompt))
+    ids = generate(nnx.merge(r.graphdef, r.state.params), [prompt], n_new, temperature=1.0, top_k=50,
+                   seed=r.cfg.seed + step)  # (1, len(prompt) + n_new)
+    text = enc.decode([int(t) for t in ids[0, len(prompt):]])
+    return text if prompt == [enc.eot_token] else r.cfg.sample_prompt + text
 
 
-def eval_and_sample(r: Run, step: int, bar) -> float:
-    """Val loss and a sample of the parameters after `step` steps, into metrics.jsonl and the log."""
+def evaluations_due(cfg: TrainConfig, step: int, final: bool) -> tuple[bool, bool]:
+    """(val loss and sample, HellaSwag) at the parameters after `step` steps: at their intervals and at the end."""
+    val = final or step % cfg.eval_interval == 0
+    interval = cfg.hellaswag_interval or cfg.eval_interval
+    return val, cfg.hellaswag is not None and (final or step % interval == 0)
+
+
+# Plots are redrawn at an evaluation when the last drawing is this old (a drawing takes 0.5-2 s: not every few
+# steps of a test run, but every evaluation of a real one)
+PLOT_EVERY_S = 30.0
+
+
+def eval_and_sample(r: Run, step: int, bar, final: bool = False) -> dict:
+    """The evaluations due after `step` steps (val loss + sample, HellaSwag) into metrics.jsonl, the sinks and the
+    log, and the plots redrawn (at most every PLOT_EVERY_S); returns the record."""
     from flax_gpt.metrics import peak_device_memory_gib
 
-    val_loss, text, peak_memory = evaluate(r), sample(r), peak_device_memory_gib()
-    r.metrics_log.write({"step": step, "val_loss": val_loss, "sample": text}
-                        | ({} if peak_memory is None else {"peak_device_memory_GiB": peak_memory}))
-    memory = "" if peak_memory is None else f" | peak device memory {peak_memory:.1f} GiB"
+    want_val, want_hellaswag = evaluations_due(r.cfg, step, final)
+    rec, shown = {"step": step}, [f"step {step:5d}"]
+    if want_val:
+        rec["val_loss"] = evaluate(r)
+        shown.append(f"val loss {rec['val_loss']:.4f}")
+    if want_hellaswag:
+        t0 = time.perf_counter()
+        h = hellaswag(r)
+        rec |= {"hellaswag_acc": h["acc"], "hellaswag_acc_norm": h["acc_norm"]}
+        shown.append(f"hellaswag acc {h['acc']:.4f} acc_norm {h['acc_norm']:.4f} ({h['correct_norm']}/{h['n']}, "
+                     f"{time.perf_counter() - t0:.1f} s)")
+    peak_memory = peak_device_memory_gib()
+    if peak_memory is not None:
+        rec["peak_device_memory_GiB"] = peak_memory
+        shown.append(f"peak device memory {peak_memory:.1f} GiB")
+    if want_val:
+        rec["sample"] = sample(r, step)
+        shown.append(f"sample: {rec['sample'][:200]!r}")
+    r.metrics_log.write(rec)
     if r.is_main:
-        bar.write(f"step {step:5d} | val loss {val_loss:.4f}{memory} | sample: {text[:200]!r}", file=sys.stdout)
-    return val_loss
+        bar.write(" | ".join(shown), file=sys.stdout)
+        if not final and time.monotonic() - r.plotted_at >= PLOT_EVERY_S:  # the end of the run draws them anyway
+            draw_plots(r)
+    return rec
+
+
+def draw_plots(r: Run) -> None:
+    """loss.png (train and val loss) and metrics.png (every panel) of the run so far, from metrics.jsonl."""
+    from flax_gpt.plot import panels_of, plot_losses, plot_runs
+
+    runs = {r.out_dir.name: r.metrics_log.read()}
+    title = f"flax-gpt {r.cfg.preset}: {r.n_params / 1e6:.1f}M params"
+    plot_losses(runs[r.out_dir.name], r.out_dir / "loss.png", title=title)
+    if panels_of(runs):  # none before the first record
+        plot_runs(runs, r.out_dir / "metrics.png", title=title)
+    r.plotted_at = time.monotonic()
 
 
 def train(r: Run, record: StepRecorder, bar, interrupted) -> tuple[int, list]:
-    """Steps from r.start_step to --max-steps (or a Ctrl-C): eval + sample every --eval-interval, checkpoints every
-    --ckpt-interval and at the end. Returns (steps done, [(step, val loss)])."""
+    """Steps from r.start_step to --max-steps (or a Ctrl-C): eval + sample every --eval-interval, HellaSwag every
+    --hellaswag-interval, checkpoints every --ckpt-interval; all of them at the end. Returns (steps done,
+    [(step, val loss)])."""
     cfg, val_losses = r.cfg, []
     pending = None  # (step, device metrics) of the step in flight: read after the next one is queued
 
@@ -552,11 +701,17 @@ def train(r: Run, record: StepRecorder, bar, interrupted) -> tuple[int, list]:
             record(*pending)
             pending = None
 
+    def evaluate_at(step: int, final: bool = False):  # the parameters after `step` steps
+        flush()
+        rec = eval_and_sample(r, step, bar, final)
+        record.last_time = time.perf_counter()  # the next step's dt is its own: evaluations are not in it
+        if "val_loss" in rec:
+            val_losses.append((step, rec["val_loss"]))
+
     done = r.start_step
     for step in range(r.start_step, cfg.max_steps):
-        if step % cfg.eval_interval == 0:
-            flush()
-            val_losses.append((step, eval_and_sample(r, step, bar)))  # the parameters after `step` steps
+        if any(evaluations_due(cfg, step, final=False)):
+            evaluate_at(step)
         micro = [r.loader.next_batch() for _ in range(r.accum)]
         x = r.to_device(np.stack([b[0] for b in micro]), r.batch_sharding)  # (A, B, T), B over all processes
         y = r.to_device(np.stack([b[1] for b in micro]), r.batch_sharding)  # (A, B, T)
@@ -564,8 +719,7 @@ def train(r: Run, record: StepRecorder, bar, interrupted) -> tuple[int, list]:
         flush()
         pending, done = (step, metrics), step + 1
         if done == cfg.max_steps:
-            flush()
-            val_losses.append((done, eval_and_sample(r, done, bar)))
+            evaluate_at(done, final=True)
         if done % cfg.ckpt_interval == 0 or done == cfg.max_steps or interrupted():
             flush()
             r.ckpt.save(done, r.state, {"step": done, **r.meta, "loader": r.loader.state_dict()})
@@ -602,7 +756,7 @@ def run(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     import jax
     from tqdm import tqdm
 
-    from flax_gpt.metrics import flops_per_token, plot_losses
+    from flax_gpt.metrics import flops_per_token
 
     show_bar = cfg.progress and r.is_main
     log_every = cfg.log_interval or (None if show_bar and sys.stdout.isatty() else 1)
@@ -623,9 +777,9 @@ def run(cfg: TrainConfig, given: set[str] | None = None) -> dict:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         r.ckpt.close()
+        r.metrics_log.close()
     if r.is_main:
-        plot_losses(r.metrics_log.read(), r.out_dir / "loss.png",
-                    title=f"flax-gpt {cfg.preset}: {r.n_params / 1e6:.1f}M params")
+        draw_plots(r)
     ckpt_root = r.out_dir / "checkpoints"
     return {"start_step": r.start_step, "first_loss": record.first_loss, "last_loss": record.last_loss,
             "val_losses": val_losses, "steps": done - r.start_step, "final_step": r.ckpt.latest_step(),

@@ -144,6 +144,12 @@ BAD_INPUT = {  # id: (setup(tmp) -> (extra args, fragments the message must hold
     "out_dir_not_writable": lambda tmp: (["--out-dir", "corpus.txt/run"], ["cannot write to --out-dir corpus.txt/run"]),
     "unknown_hub_id_offline": lambda tmp: (["--init-from", "no-such-org/no-such-gpt2"],
                                            ["'no-such-org/no-such-gpt2'", "not in the HF cache"]),
+    "hellaswag_missing": lambda tmp: (["--hellaswag", "hs.jsonl"], ["--hellaswag hs.jsonl: no such file",
+                                                                    "validation JSON Lines"]),
+    "hellaswag_limit_without_file": lambda tmp: (["--hellaswag-limit", "10"],
+                                                 ["--hellaswag-limit", "set how --hellaswag FILE is scored"]),
+    "sample_prompt_too_long": lambda tmp: (["--sample-prompt", " ".join(["the king"] * 40)],
+                                           ["--sample-prompt is 80 tokens, the model's context is 64"]),
 }
 
 

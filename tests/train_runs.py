@@ -139,6 +139,7 @@ class Spec:
     before: Callable[[], dict] | None = None  # called just before the start; its dict lands in Result.extra
     after: Callable[[], dict] | None = None  # called right after the end (before dependents start)
     command: bool = False
+    env: dict = field(default_factory=dict)  # added to the scheduler's environment for this run
 
 
 @dataclass
@@ -214,7 +215,7 @@ class Scheduler:
             extra["started_at"] = time.perf_counter() - self.t0
             cmd = spec.argv if spec.command else [PYTHON, str(TRAIN_PY), *spec.argv]
             out = open(self.cwd / f"{name}.stdout", "w"), open(self.cwd / f"{name}.stderr", "w")
-            proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=out[0], stderr=out[1],
+            proc = subprocess.Popen(cmd, cwd=self.cwd, env={**self.env, **spec.env}, stdout=out[0], stderr=out[1],
                                     stdin=subprocess.DEVNULL, start_new_session=spec.group)
             self.running[name] = (proc, out, time.perf_counter(), extra, [None])
 
