@@ -143,10 +143,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError("--hellaswag-interval and --hellaswag-limit set how --hellaswag FILE is scored: pass the file")
     if not cfg.sample_prompt:
         raise UserError("--sample-prompt is empty; give some text, or the default <|endoftext|>")
+    from flax_gpt.sinks import require
+
     for module, wanted in (("tensorboardX", cfg.tensorboard), ("wandb", cfg.wandb_project)):
         if wanted:
-            from flax_gpt.sinks import require
-
             require(module)  # a missing package fails before JAX starts
     grad_accum_steps(cfg)  # raises early if the tokens per step are not a whole number of micro batches
     return cfg
@@ -507,7 +507,6 @@ class HellaSwagEval:
     step: Any  # jitted (params, tokens (R, L), mask (R, L)) -> (sums (R,), counts (R,)), R over all processes
     batches: list  # [(tokens, mask)] (E*4, L) int32 each
     labels: np.ndarray  # (n,) the right ending of every example
-    path: str
 
 
 def hellaswag_eval(cfg: TrainConfig, examples: list[dict], config: GPTConfig, graphdef, params_sharding,
@@ -525,7 +524,7 @@ def hellaswag_eval(cfg: TrainConfig, examples: list[dict], config: GPTConfig, gr
     per_process = hellaswag_examples_per_batch(cfg.batch_size, n_devices)
     batches = ev.hellaswag_batches(rendered, per_process, config.block_size, process_index, process_count)
     step = ev.make_hellaswag_step(graphdef, ev.ending_length(rendered), params_sharding, eval_sharding)
-    return HellaSwagEval(step, batches, np.array([e["label"] for e in examples]), cfg.hellaswag)
+    return HellaSwagEval(step, batches, np.array([e["label"] for e in examples]))
 
 
 def hellaswag_examples_per_batch(batch_size: int, n_devices: int) -> int:
