@@ -12,6 +12,7 @@ stderr and skipped, never deleted; when no step can be read a UserError says wha
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import re
@@ -39,9 +40,10 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.read_only = read_only
         self._unreadable: set[int] = set()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                               enable_async_checkpointing=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        with _quiet_absl() if read_only else contextlib.nullcontext():  # orbax warns that a reader will not save
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                                   enable_async_checkpointing=True)
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -118,7 +120,8 @@ class Checkpointer:
             restored = self._manager.restore(s, args=args)
             return restored["state"], restored["meta"]
 
-        used, result, failed = self._first_readable(read, step)
+        with _quiet_absl():  # orbax warns of metadata files that older runs did not write
+            used, result, failed = self._first_readable(read, step)
         self._report(failed, used)
         return result
 
@@ -163,6 +166,18 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a pytree of arrays, for restoring into."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """absl (orbax's logger) at ERROR level for the duration."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _warn_on_stderr(message: str) -> None:

@@ -7,10 +7,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 from pathlib import Path
 
 from flax_gpt.config import GPTConfig
@@ -73,9 +71,8 @@ def load_run(init_from: str | Path) -> Run:
         return Run(load_model(init_from))
     ckpt = None
     try:
-        with _quiet_absl():  # orbax warns that a read-only manager will not save, and of missing metadata files
-            ckpt = Checkpointer(ckpt_dir, read_only=True)
-            tree, meta = ckpt.restore_raw()
+        ckpt = Checkpointer(ckpt_dir, read_only=True)
+        tree, meta = ckpt.restore_raw()
     except UserError:
         raise
     except Exception as e:  # orbax raises many types for unreadable or half-written directories
@@ -152,8 +149,7 @@ def load_checkpoint_model(ckpt_dir: Path, **numerics) -> GPT:
     from flax_gpt.checkpoint import Checkpointer
 
     try:
-        with _quiet_absl():  # orbax warns that a read-only manager will not save
-            ckpt = Checkpointer(ckpt_dir, read_only=True)
+        ckpt = Checkpointer(ckpt_dir, read_only=True)
         meta = ckpt.restore_meta()
     except UserError:
         raise
@@ -191,13 +187,3 @@ def _default_device():
     device = jax.config.jax_default_device
     return jax.devices(device)[0] if isinstance(device, str) else device or jax.devices()[0]
 
-
-@contextlib.contextmanager
-def _quiet_absl():
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

@@ -481,10 +481,7 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
 def _saved_meta(ckpt_root: Path) -> dict:
     """The meta of the newest readable checkpoint under ckpt_root (read only: nothing is moved or written)."""
     from flax_gpt.checkpoint import Checkpointer
-    from flax_gpt.load import _quiet_absl
-
-    with _quiet_absl():  # orbax warns that a read-only manager will not save
-        ckpt = Checkpointer(ckpt_root, read_only=True)
+    ckpt = Checkpointer(ckpt_root, read_only=True)
     try:
         return ckpt.restore_meta()
     finally:
