@@ -181,7 +181,7 @@ class GPT(nnx.Module):
             params, cache = layer  # one layer's parameters and (k, v) cache, or None
             return nnx.merge(block_def, params)(x, cache, pos)  # (B, T, C), updated cache
 
-        if self.config.remat:
+        if self.config.remat:  # for autodiff of GPT.loss; train steps run flax_gpt.remat's own backward pass
             run_block = jax.checkpoint(run_block)  # recompute activations in the backward pass
         # Training unrolls (the rolled loop's stacking copies cost ~1/3 of a bf16 step on CPU). Decoding keeps the
         # rolled loop, which updates the stacked KV cache in place; so does remat: in unrolled code XLA computes the

@@ -6,6 +6,7 @@ pass is chosen here, not by autodiff.
     causal_attention   XLA attention over blocks of queries, each block recomputed in the backward pass
     matmul             a bf16 x bf16 -> f32 dot whose backward runs in bf16 too (low_precision_matmul)
     lm_head_loss       tied lm_head + cross entropy over chunks of tokens, logits never all in memory
+                       (lm_head_loss_and_dx and add_lm_head_dw: its two gradients apart, for flax_gpt.remat)
 
 Blocks and chunks run in rolled loops (lax.map / lax.scan): one after the other on every backend,
 so only one block's temporaries exist at a time. (Optimization barriers do not order straight-line
@@ -269,6 +270,11 @@ def cross_entropy(logits, targets):
     return token_cross_entropy(logits, targets).mean()
 
 
+def loss_in_chunks(n_tokens: int) -> bool:
+    """Whether lm_head_loss takes n_tokens chunk by chunk (more than FULL_LOGITS_TOKENS)."""
+    return n_tokens > FULL_LOGITS_TOKENS
+
+
 def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
     """Mean cross entropy of the logits x @ wte.T (x (B, T, C), wte (Vp, C)) against targets (B, T).
 
@@ -276,7 +282,7 @@ def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: st
     lm_head's backward matmuls with the blocks', BENCHMARKS.md change 25). Beyond, chunk by chunk
     (_chunked_lm_head_loss): logits of LOSS_CHUNK tokens at a time, never all of them.
     """
-    if x.shape[0] * x.shape[1] <= FULL_LOGITS_TOKENS:
+    if not loss_in_chunks(x.shape[0] * x.shape[1]):
         return cross_entropy(tied_logits(x, wte, vocab_size, dtype, matmul_output), targets)
     return _chunked_lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output)
 
@@ -288,16 +294,20 @@ def _chunked_lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_o
     operation, so its cotangent is a scalar that only scales them): the (B, T, Vp) logits and their
     gradient are never held whole, and no matmul is recomputed.
     """
-    return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_grads=False)[0]
+    return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output)[0]
 
 
-def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str, with_grads: bool):
-    """(mean loss, dx (B, T, C) or None, dwte (Vp, C) or None), LOSS_CHUNK tokens at a time."""
+def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str, with_dx: bool = False,
+                  dw_total=None):
+    """(mean loss, dx (B, T, C) or None, dw_total + dwte (Vp, C) or None), LOSS_CHUNK tokens at a time:
+    dx with with_dx, the weight gradient (added to dw_total) when dw_total is given."""
     B, T, C = x.shape
     n = B * T
     w = wte.astype(dtype)  # (Vp, C)
-    x_chunks = _to_blocks(x.reshape(1, n, C).astype(dtype), LOSS_CHUNK)[:, 0]  # (n_chunks, LOSS_CHUNK, C)
-    t_chunks = _to_blocks(targets.reshape(1, n).astype(jnp.int32) + 1, LOSS_CHUNK)[:, 0] - 1  # padding: -1
+    size = min(LOSS_CHUNK, n)
+    x_chunks = _to_blocks(x.reshape(1, n, C).astype(dtype), size)[:, 0]  # (n_chunks, size, C)
+    t_chunks = _to_blocks(targets.reshape(1, n).astype(jnp.int32) + 1, size)[:, 0] - 1  # padding: -1
+    with_dw = dw_total is not None
 
     def chunk(xt):
         x_i, t_i = xt  # (N_i, C), (N_i,)
@@ -306,25 +316,37 @@ def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: s
         picked = jnp.take_along_axis(logits, jnp.maximum(t_i, 0)[:, None], axis=-1)[:, 0]  # (N_i,)
         real = t_i >= 0  # (N_i,) False on the padding
         loss_sum = jnp.sum(jnp.where(real, lse - picked, 0.0))
-        if not with_grads:
+        if not (with_dx or with_dw):
             return (loss_sum, None), None
         is_target = jnp.arange(logits.shape[1])[None, :] == t_i[:, None]  # (N_i, Vp)
         probs = jnp.where(real[:, None], jnp.exp(logits - lse[:, None]), 0.0)  # (N_i, Vp)
         dlogits = ((probs - is_target) / n).astype(dtype)  # (N_i, Vp)
-        dx_i = _dot(dlogits, w, (1, 0), matmul_output)  # (N_i, C)
-        dw = _dot(dlogits, x_i, (0, 0), matmul_output)  # (Vp, C)
+        dx_i = _dot(dlogits, w, (1, 0), matmul_output) if with_dx else None  # (N_i, C)
+        dw = _dot(dlogits, x_i, (0, 0), matmul_output) if with_dw else None  # (Vp, C)
         return (loss_sum, dw), dx_i
 
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros(wte.shape, jnp.float32) if with_grads else None)
+    zeros = (jnp.zeros((), jnp.float32), dw_total.astype(jnp.float32) if with_dw else None)
     (loss_sum, dw), dx = _sum_and_stack(chunk, (x_chunks, t_chunks), zeros)
-    if not with_grads:
-        return loss_sum / n, None, None
-    dx = _from_blocks(dx[:, None], n)[0].reshape(B, T, C)  # (B, T, C)
-    return loss_sum / n, dx.astype(x.dtype), dw.astype(wte.dtype)
+    if with_dx:
+        dx = _from_blocks(dx[:, None], n)[0].reshape(B, T, C).astype(x.dtype)  # (B, T, C)
+    return loss_sum / n, dx, None if dw is None else dw.astype(wte.dtype)
+
+
+def lm_head_loss_and_dx(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
+    """(mean loss, its gradient (B, T, C) with respect to x) of lm_head_loss, chunk by chunk, without the
+    weight gradient: add_lm_head_dw forms that later (flax_gpt.remat, once the blocks' backward pass is done)."""
+    return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_dx=True)[:2]
+
+
+def add_lm_head_dw(dw_total, x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
+    """dw_total (Vp, C) plus the gradient of lm_head_loss with respect to wte, its logits recomputed chunk by
+    chunk and each chunk's gradient added in place."""
+    return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, dw_total=dw_total)[2]
 
 
 def _lm_head_loss_fwd(x, wte, targets, vocab_size, dtype, matmul_output):
-    loss, dx, dw = _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_grads=True)
+    loss, dx, dw = _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_dx=True,
+                                 dw_total=jnp.zeros(wte.shape, jnp.float32))
     return loss, (dx, dw, targets)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from flax_gpt import remat
 from flax_gpt.model import GPT
 from flax_gpt.sharding import replicated
 
@@ -65,6 +66,13 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, x, y):
     return nnx.merge(graphdef, params).loss(x, y)
 
 
+def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, x, y):
+    """(mean cross entropy, gradients) of one (B, T) batch; with remat, flax_gpt.remat's backward pass."""
+    if nnx.merge(graphdef, params).config.remat:
+        return remat.loss_and_grads(params, graphdef, x, y)
+    return jax.value_and_grad(loss_fn)(params, graphdef, x, y)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule=None,
                     state_sharding=None, batch_sharding=None, donate: bool = True):
     """A jitted step(state, x, y) -> (state, metrics); x, y are (A, B, T): A micro batches accumulated.
@@ -74,7 +82,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     donated buffers), so its buffers are reused for the new state. With
     shardings (see flax_gpt.sharding) the step is compiled for them explicitly, metrics replicated.
     """
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = loss_and_grads
     shardings = {}
     if state_sharding is not None:
         shardings = dict(in_shardings=(state_sharding, batch_sharding, batch_sharding),

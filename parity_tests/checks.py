@@ -45,6 +45,11 @@ BF16_LOSS_REL = 1e-4
 # bf16 chunked vs full-logits gradients: both round cotangents to bf16, at different points (the full-logits
 # path also rounds dx and dW of the lm_head to bf16); measured 7.6e-3 to 9.1e-3, so the table's bf16 row
 BF16_CHUNKED_GRAD_REL = BF16_REL
+# The remat train step against autodiff without remat, bf16, full logits: two programs whose bf16 intermediates XLA
+# fuses (and rounds, or keeps in f32) differently; measured loss 9.5e-8 to 9.2e-6, gradients 7.4e-3 to 8.2e-3 on tiny,
+# odd, deep. With the loss in chunks both run the same custom VJPs: loss 0, gradients <= 3.2e-8, the fp32 bounds hold.
+BF16_REMAT_FULL_LOGITS_LOSS_REL = BF16_LOSS_REL
+BF16_REMAT_FULL_LOGITS_GRAD_REL = BF16_REL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +248,30 @@ def remat_grads(shape: str) -> Measurement:
     remat = flax_grads(GPT.from_pretrained(hf_dir(shape), remat=True), idx)
     return Measurement(f"remat vs plain gradients [{shape}] worst relative",
                        max(rel(remat[k], plain[k]) for k in plain), GRAD_REL)
+
+
+def remat_train_grads(shape: str, dtype: str = "float32", loss_chunks: bool = True) -> tuple[Measurement, Measurement]:
+    """The train step's remat (flax_gpt.remat's hand-written backward pass) against autodiff of GPT.loss without
+    remat: loss and every gradient. loss_chunks: past FULL_LOGITS_TOKENS (several chunks; wte's lm_head gradient
+    formed after the blocks' backward pass), else the full logits."""
+    from flax_gpt import remat, train_step
+
+    idx = tokens(shape)
+    x, y = jnp.asarray(idx[:, :-1]), jnp.asarray(idx[:, 1:])
+    graphdef, params = nnx.split(GPT.from_pretrained(hf_dir(shape), dtype=dtype, remat=True), nnx.Param)
+    plain_graphdef = nnx.split(GPT.from_pretrained(hf_dir(shape), dtype=dtype), nnx.Param)[0]
+    with small_blocks() if loss_chunks else contextlib.nullcontext():  # both compiled: bf16 eager rounds elsewhere
+        loss, grads = jax.jit(remat.loss_and_grads, static_argnums=1)(params, graphdef, x, y)
+        plain_loss, plain = jax.jit(jax.value_and_grad(train_step.loss_fn), static_argnums=1)(params, plain_graphdef, x, y)
+    ours, plain = (to_hf_state_dict(nnx.merge(graphdef, g)) for g in (grads, plain))
+    plain_loss = float(plain_loss)
+    where = f"[{shape}, {dtype}, {'loss in chunks' if loss_chunks else 'full logits'}]"
+    fused_apart = dtype != "float32" and not loss_chunks
+    return (Measurement(f"remat train step vs plain loss {where} relative", abs(float(loss) - plain_loss) / plain_loss,
+                        BF16_REMAT_FULL_LOGITS_LOSS_REL if fused_apart else LOSS_REL),
+            Measurement(f"remat train step vs plain gradients {where} worst relative",
+                        max(rel(ours[k], plain[k]) for k in plain),
+                        BF16_REMAT_FULL_LOGITS_GRAD_REL if fused_apart else GRAD_REL))
 
 
 def training_loss_vs_logits_loss(shape: str, dtype: str = "float32") -> tuple[Measurement, Measurement]:
@@ -667,10 +696,12 @@ def all_forward_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
                 grads_flax_vs_torch_ref(shape), *bf16_vs_autocast(shape), bf16_grads_vs_autocast(shape), causality(shape),
                 causality_by_gradient(shape), round_trip_flax_torch_flax(shape),
                 state_dict_round_trip(shape), jit_vs_eager(shape), remat_grads(shape),
+                *remat_train_grads(shape), *remat_train_grads(shape, "bfloat16"),
                 *training_loss_vs_logits_loss(shape), *training_loss_vs_logits_loss(shape, "bfloat16")]
     out += [vocab_padding_invariance(shape) for shape in PADDED_SHAPES]
     out += [bf16_vjp_vs_float32_autodiff(op) for op in BF16_VJP_OPS]
     out += [*blocked_attention_vs_xla(), *blocked_attention_vs_xla("bfloat16")]
+    out += [*remat_train_grads("odd", loss_chunks=False), *remat_train_grads("odd", "bfloat16", loss_chunks=False)]
     out += [logits_flax_vs_hf("odd", layout) for layout in GOOD_LAYOUTS if layout != "safetensors"]
     out += [*bf16_vs_autocast("odd", "compute"), bf16_grads_vs_autocast("tiny", "compute"),
             bf16_matmul_fallback_vs_normal("odd")]

@@ -150,3 +150,12 @@ def test_blocked_attention_equals_one_xla_call(dtype):
 
 def test_remat_gives_the_same_gradients():
     assert_within(checks.remat_grads("tiny"))
+
+
+@pytest.mark.parametrize("loss_chunks", (True, False))
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_remat_train_step_gives_the_same_loss_and_gradients(shape, dtype, loss_chunks):
+    loss, grads = checks.remat_train_grads(shape, dtype, loss_chunks)
+    assert_within(loss)
+    assert_within(grads)

@@ -37,7 +37,14 @@ def test_bf16_activations_cost_about_half_of_fp32(measured):
 def test_remat_cuts_bf16_activations_as_it_cuts_fp32(measured):
     bf16 = measured["bfloat16", True] / measured["bfloat16", False]
     fp32 = measured["float32", True] / measured["float32", False]
-    assert bf16 <= 0.3 and fp32 <= 0.3, (bf16, fp32)  # measured 0.18 and 0.24 (12 layers: 0.23 and 0.16)
+    assert bf16 <= 0.3 and fp32 <= 0.3, (bf16, fp32)  # measured 0.07 and 0.12 (12 layers: 0.24 and 0.17)
+
+
+def test_remat_cuts_a_gpt2_bf16_step_to_under_0_3():
+    """The issue's goal as benchmarks/memory.py measures it: all 12 layers, B=8, T=1024, the whole step's temp memory
+    (gradients and AdamW temporaries included), bf16 with remat against bf16 without."""
+    with_remat, without = (step_temp_bytes(preset("gpt2", dtype="bfloat16", remat=r), 8, 1024) for r in (True, False))
+    assert with_remat <= 0.3 * without, with_remat / without  # measured 1.14 / 3.91 GiB = 0.292 (0.325 before flax_gpt.remat)
 
 
 def test_the_loss_never_holds_the_full_logits():

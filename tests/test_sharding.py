@@ -21,7 +21,7 @@ REL = 1e-4  # the issue's bound; measured: 1.8e-7 for dp, fsdp and 2 processes o
 PEAK_RATIO = 2.5
 
 SHARDED_STEPS = r"""
-import functools, json, jax, jax.numpy as jnp, numpy as np
+import dataclasses, functools, json, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from flax_gpt import GPT, preset
 from flax_gpt import sharding as shard
@@ -32,21 +32,22 @@ cfg, opt = preset("tiny", n_embd=64, vocab_size=1000), OptimConfig(lr=3e-3, warm
 tx, mesh = make_optimizer(opt), shard.make_mesh()
 batches = np.repeat(np.random.default_rng(0).integers(0, 1000, (1, 2, 1, 8, 16)).astype(np.int32), 8, axis=0)  # step, x/y, A, B, T: one batch, overfit
 out = {"devices": jax.device_count()}
-for strategy in ("none", "dp", "fsdp"):
+for run in ("none", "dp", "fsdp", "fsdp_remat"):  # fsdp_remat: fsdp with --remat's hand-written backward pass
+    strategy, model_cfg = run.removesuffix("_remat"), dataclasses.replace(cfg, remat=run.endswith("_remat"))
     st_sh = bt_sh = None
     if strategy == "none":  # train.py's --sharding none: eager init on one device
-        graphdef, state = init_state(GPT(cfg), tx)
+        graphdef, state = init_state(GPT(model_cfg), tx)
         eager = jax.tree.map(np.asarray, state)
     else:  # train.py's dp / fsdp init: created in its shards
-        graphdef, init, st_sh = sharded_init(lambda: GPT(cfg), tx,
+        graphdef, init, st_sh = sharded_init(lambda: GPT(model_cfg), tx,
                                              functools.partial(shard.state_shardings, mesh=mesh, strategy=strategy))
         init = init.lower().compile()  # the program init() runs
         with jax.transfer_guard("disallow_explicit"):  # no copy between host and devices or between devices
             state = init()
         bt_sh = shard.batch_sharding(mesh)
-        out[strategy + "_init_vs_eager_max_abs"] = max(float(np.max(np.abs(np.asarray(a) - b)))
+        out[run + "_init_vs_eager_max_abs"] = max(float(np.max(np.abs(np.asarray(a) - b)))
                                                        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(eager)))
-    if strategy == "fsdp":
+    if run == "fsdp":
         memory = init.memory_analysis()  # per device: the init program's outputs and temporaries
         out["fsdp_init_program_bytes"] = memory.output_size_in_bytes + memory.temp_size_in_bytes
         out["state_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state))
@@ -58,8 +59,8 @@ for strategy in ("none", "dp", "fsdp"):
         state, m = step(state, jnp.asarray(x) if bt_sh is None else jax.device_put(x, bt_sh),
                         jnp.asarray(y) if bt_sh is None else jax.device_put(y, bt_sh))
         losses.append(float(m["loss"]))
-    out[strategy] = losses
-    if strategy == "fsdp":
+    out[run] = losses
+    if run == "fsdp":
         leaves = jax.tree_util.tree_leaves_with_path(state.params)
         out["fsdp_sharded"] = {jax.tree_util.keystr(p): [str(a) for a in v.sharding.spec]
                                for p, v in leaves if v.size >= shard.FSDP_MIN_SIZE}
@@ -151,6 +152,7 @@ def test_dp_and_fsdp_match_one_device_and_fsdp_really_shards(sharded_steps):
     assert out["devices"] == 4
     assert rel_diff(out["dp"], out["none"]) <= REL
     assert rel_diff(out["fsdp"], out["none"]) <= REL
+    assert rel_diff(out["fsdp_remat"], out["none"]) <= REL  # --remat's own backward pass, sharded
     assert out["none"][-1] < out["none"][0]  # it trained
     # at n_embd 64 these four reach FSDP_MIN_SIZE (2**14 elements); wpe and attn.c_proj stay replicated
     assert set(out["fsdp_sharded"]) == {"['h']['attn']['c_attn']['kernel'].value", "['h']['mlp']['c_fc']['kernel'].value",

@@ -1,0 +1,72 @@
+"""The training loss and its gradients with every block recomputed in the backward pass (--remat), the
+backward pass written out, so that what exists when is chosen here rather than by XLA's scheduler.
+
+Autodiff of the scan of jax.checkpoint blocks (GPT.blocks with remat) gives the same gradients, but
+XLA:CPU creates the zero-filled buffers its backward pass accumulates into (the (n_layer, ...) stacked block
+gradients, wte's) when the step starts: they sit through the forward pass beside its activations, 0.46 GiB
+of gpt2's 1.27 GiB at 8x1024 in bf16 (BENCHMARKS.md change 29). Here:
+
+    forward     embeddings, the blocks keeping only each block's input, ln_f, the loss and its gradient
+                with respect to ln_f's output (ops.lm_head_loss_and_dx), chunk by chunk
+    backward    block by block from the last: recompute the block from its input, take its gradients,
+                write them into the stacked gradients (created only once the backward pass has begun)
+    embeddings  wte's gradient from the lm_head, its logits recomputed chunk by chunk once the blocks are done
+                (one lm_head matmul more; up to ops.FULL_LOGITS_TOKENS the full logits' gradient is kept
+                instead), then the token and position embeddings' rows added
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_gpt import ops
+
+
+def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets):
+    """(mean cross entropy, gradients shaped like params) of one (B, T) batch, blocks recomputed."""
+    model = nnx.merge(graphdef, params)
+    c = model.config
+    block_def, block_params = nnx.split(model.h)  # parameters with a leading n_layer axis
+    ln_f_def, ln_f_params = nnx.split(model.ln_f)
+    wte = model.wte.embedding[...]  # (Vp, C)
+    head = (c.vocab_size, c.dtype, c.matmul_output)
+
+    def block(params, x):
+        return nnx.merge(block_def, params)(x)[0]  # (B, T, C)
+
+    x = model.embed(idx)  # (B, T, C) float32
+    x, inputs = jax.lax.scan(lambda x, p: (block(p, x), x), x, block_params)  # (B, T, C), (L, B, T, C)
+    h, ln_f_vjp = jax.vjp(lambda x, p: nnx.merge(ln_f_def, p)(x), x, ln_f_params)  # (B, T, C)
+    defer = ops.loss_in_chunks(targets.size)  # else the logits are small: keep their weight gradient
+    if defer:
+        loss, dh = ops.lm_head_loss_and_dx(h, wte, targets, *head)  # (), (B, T, C)
+    else:
+        loss, head_vjp = jax.vjp(lambda h, w: ops.lm_head_loss(h, w, targets, *head), h, wte)
+        dh, d_wte = head_vjp(jnp.ones((), jnp.float32))  # (B, T, C), (Vp, C)
+    dx, d_ln_f = ln_f_vjp(dh)  # (B, T, C), ln_f's gradients
+
+    def backward(i, carry):
+        dx, d_blocks = carry  # (B, T, C), stacked gradients
+        layer = c.n_layer - 1 - i
+        params = jax.tree.map(lambda p: p[layer], block_params)
+        _, block_vjp = jax.vjp(block, params, inputs[layer])
+        d_params, dx = block_vjp(dx)
+        d_blocks = jax.tree.map(lambda d, g: d.at[layer].set(g), d_blocks, d_params)
+        return dx, d_blocks
+
+    d_blocks = ops.after(dx, jax.tree.map(jnp.zeros_like, block_params))[0]  # created once dx exists
+    dx, d_blocks = jax.lax.fori_loop(0, c.n_layer, backward, (dx, d_blocks))  # dx: (B, T, C) at the embeddings
+    if defer:
+        d_wte = ops.add_lm_head_dw(*ops.after(dx, jnp.zeros(wte.shape, jnp.float32), h, wte, targets), *head)
+    d_wte = d_wte.at[idx].add(dx)  # (Vp, C): the token embedding's rows
+    T = idx.shape[1]
+    d_wpe = jnp.zeros(model.wpe.embedding.shape, jnp.float32).at[:T].set(dx.sum(0))  # (block_size, C)
+
+    grads = nnx.merge(graphdef, jax.tree.map(lambda p: p, params))  # new variables, then set to the gradients
+    nnx.update(grads.h, d_blocks)
+    nnx.update(grads.ln_f, d_ln_f)
+    grads.wte.embedding[...] = d_wte.astype(wte.dtype)
+    grads.wpe.embedding[...] = d_wpe.astype(grads.wpe.embedding.dtype)
+    return loss, nnx.state(grads, nnx.Param)
