@@ -185,11 +185,19 @@ def test_fsdp_run_on_four_devices_matches_and_resumes_on_one(corpus, single_devi
     assert rel_diff(losses(corpus / "fsdp"), losses(single_device_run)) <= REL
 
 
-def test_two_processes_on_localhost_match_one(corpus, single_device_run):
+def test_two_processes_on_localhost_match_one(corpus, single_device_run, capsys):
+    """Two processes: the same losses as one device, and HellaSwag during training split over both processes
+    equals the standalone evaluation of the final checkpoint (all examples counted once)."""
+    from flax_gpt import evaluate
+    from train_runs import hellaswag_examples
+
+    n_examples = 10  # 10 rows of 4 endings: the 2 processes' shares need padding
+    (corpus / "hs.jsonl").write_text("".join(json.dumps(e) + "\n" for e in hellaswag_examples(n_examples)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [sys.executable, str(ROOT / "train.py"), *TRAIN_ARGS, "--batch-size", "2", "--out-dir", "two"]
+    args = [sys.executable, str(ROOT / "train.py"), *TRAIN_ARGS, "--batch-size", "2", "--out-dir", "two",
+            "--hellaswag", "hs.jsonl", "--hellaswag-interval", "4"]
     procs = [subprocess.Popen(args, cwd=corpus, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "FLAX_GPT_CACHE": str(corpus / "cache"),
                                    "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
@@ -199,6 +207,18 @@ def test_two_processes_on_localhost_match_one(corpus, single_device_run):
     assert "x 2 processes" in outs[0][0] and "done:" in outs[0][0] and "done:" not in outs[1][0]
     assert rel_diff(losses(corpus / "two"), losses(single_device_run)) <= REL
     assert sorted(p.name for p in (corpus / "two" / "checkpoints").iterdir()) == ["4", "8"]
+
+    records = [json.loads(line) for line in (corpus / "two" / "metrics.jsonl").read_text().splitlines()]
+    trained = {r["step"]: (r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in records if "hellaswag_acc" in r}
+    assert sorted(trained) == [0, 4, 8], trained
+    assert f"/{n_examples}, " in outs[0][0]  # the eval line's correct/total: every example, once
+    out = corpus / "two_hellaswag.json"
+    capsys.readouterr()
+    assert evaluate.main(["--init-from", str(corpus / "two"), "--hellaswag", str(corpus / "hs.jsonl"),
+                          "--dtype", "fp32", "--json", str(out)]) == 0
+    h = json.loads(out.read_text())["hellaswag"]
+    assert (h["acc"], h["acc_norm"]) == trained[8], (h, trained[8])
+    assert len(set(h["pred_norm"])) > 1  # the model tells the endings apart: the comparison could fail
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_one_error_line(corpus):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train_runs import (COMMON, Spec, assert_one_error_line, ckpt_steps, needs, read_records, scheduled_runs, with_args,
+from train_runs import (COMMON, Spec, assert_one_error_line, ckpt_steps, hellaswag_examples, needs, read_records, scheduled_runs, with_args,
                         work_dir)
 
 N_EXAMPLES = 24
@@ -50,16 +50,6 @@ class Run:
 def init(**kwargs):
     return Run(**kwargs)
 '''
-
-
-def hellaswag_examples(n: int, seed: int = 0) -> list[dict]:
-    """n HellaSwag-format examples of the corpus's words: contexts of 4-20 words, endings of 1-10."""
-    from train_runs import WORDS
-
-    rng = np.random.default_rng(seed)
-    words = lambda k: " ".join(rng.choice(WORDS, size=k))  # noqa: E731
-    return [{"ctx": words(rng.integers(4, 21)).capitalize(), "endings": [words(rng.integers(1, 11)) for _ in range(4)],
-             "label": 0} for _ in range(n)]
 
 
 def labelled_from_init(examples: list[dict]) -> tuple[list[dict], float]:

@@ -308,3 +308,11 @@ def check_exact_resume(reference: Result, interrupted: Result, resumed: Result, 
     assert sorted(val_losses(got)) == [0, 5, 10, 15, 20]
     assert ckpt_steps(out)[-1] == LONG_STEPS
     return resume_step
+
+
+def hellaswag_examples(n: int, seed: int = 0) -> list[dict]:
+    """n HellaSwag-format examples of the corpus's words: contexts of 4-20 words, endings of 1-10."""
+    rng = np.random.default_rng(seed)
+    words = lambda k: " ".join(rng.choice(WORDS, size=k))  # noqa: E731
+    return [{"ctx": words(rng.integers(4, 21)).capitalize(), "endings": [words(rng.integers(1, 11)) for _ in range(4)],
+             "label": 0} for _ in range(n)]
