@@ -185,7 +185,7 @@ def test_fsdp_run_on_four_devices_matches_and_resumes_on_one(corpus, single_devi
     assert rel_diff(losses(corpus / "fsdp"), losses(single_device_run)) <= REL
 
 
-def test_two_processes_on_localhost_match_one(corpus, single_device_run, capsys):
+def test_two_processes_on_localhost_match_one(corpus, single_device_run):
     """Two processes: the same losses as one device, and HellaSwag during training split over both processes
     equals the standalone evaluation of the final checkpoint (all examples counted once)."""
     from flax_gpt import evaluate
@@ -213,7 +213,6 @@ def test_two_processes_on_localhost_match_one(corpus, single_device_run, capsys)
     assert sorted(trained) == [0, 4, 8], trained
     assert f"/{n_examples}, " in outs[0][0]  # the eval line's correct/total: every example, once
     out = corpus / "two_hellaswag.json"
-    capsys.readouterr()
     assert evaluate.main(["--init-from", str(corpus / "two"), "--hellaswag", str(corpus / "hs.jsonl"),
                           "--dtype", "fp32", "--json", str(out)]) == 0
     h = json.loads(out.read_text())["hellaswag"]
