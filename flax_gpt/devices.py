@@ -79,11 +79,37 @@ def select_device(device: str) -> str:
 
 
 def compute_dtype(dtype: str, platform: str, training: bool = False) -> str:
-    """--dtype: auto is bf16 on accelerators; on the CPU, fp32, except for training on a CPU with bf16 dot
-    instructions (bf16 steps are faster there; evaluation and sampling keep fp32's accuracy)."""
+    """--dtype: auto is bf16 on accelerators, except CUDA GPUs without bf16 (fp32 there); on the CPU, fp32, except
+    for training on a CPU with bf16 dot instructions (bf16 steps are faster there; evaluation and sampling keep
+    fp32's accuracy)."""
     if dtype == "auto":
+        if platform == "gpu":
+            return "bfloat16" if gpu_has_bf16() else "float32"
         return "bfloat16" if platform != "cpu" or (training and cpu_has_bf16_dots()) else "float32"
     return {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32"}[dtype]
+
+
+BF16_COMPUTE_CAPABILITY = 8.0  # Ampere: the first NVIDIA GPUs with bf16 tensor cores (T4 is 7.5, V100 7.0)
+
+
+def gpu_compute_capability(devices=None) -> float:
+    """The lowest CUDA compute capability of the GPUs (default: this process's), e.g. 7.5 for a T4."""
+    import jax
+
+    return min(float(d.compute_capability) for d in devices or jax.local_devices())
+
+
+def gpu_has_bf16(devices=None) -> bool:
+    """Whether every one of the CUDA GPUs computes bf16 natively (compute capability 8.0 or newer)."""
+    return gpu_compute_capability(devices) >= BF16_COMPUTE_CAPABILITY
+
+
+def auto_dtype_note(dtype: str, platform: str, devices=None) -> str | None:
+    """Why --dtype auto computes in float32 on this GPU, for the run's log; None where it does not."""
+    if dtype != "auto" or platform != "gpu" or gpu_has_bf16(devices):
+        return None
+    return (f"--dtype auto computes in float32: this GPU (compute capability {gpu_compute_capability(devices)}) has "
+            "no bf16, and float16 training is not supported yet")
 
 
 def cpu_has_bf16_dots(cpuinfo: str = "/proc/cpuinfo") -> bool:

@@ -475,6 +475,8 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
         r.log(f"logging to {sink.where}")
     if caps.fallbacks():
         r.log(f"{platform} falls back to: {', '.join(caps.fallbacks())}")
+    if devices.auto_dtype_note(cfg.dtype, platform):
+        r.log(devices.auto_dtype_note(cfg.dtype, platform))
     return r, peak
 
 

@@ -4,6 +4,7 @@ import json
 import platform
 import sys
 import tomllib
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,15 @@ MAC = {**default_environment(), "sys_platform": "darwin", "platform_system": "Da
 def metal_extra() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return [Requirement(r) for r in project["optional-dependencies"]["metal"]]
+
+
+def test_the_cuda_extra_is_jax_for_cuda_13_over_this_package_s_jax_range():
+    """CUDA 13 as PyPI's torch (>= 2.11) is, so that the two share one nvidia-cudnn-cu13; the same jax range as
+    the CPU install, so that `pip install 'flax-gpt[cuda]'` tests what CI tests."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (cuda,) = [Requirement(r) for r in project["optional-dependencies"]["cuda"]]
+    (core,) = [r for r in map(Requirement, project["dependencies"]) if r.name == "jax"]
+    assert (cuda.name, cuda.extras, cuda.specifier) == ("jax", {"cuda13"}, core.specifier)
 
 
 def test_the_metal_extra_is_jax_mps_for_apple_silicon_only():
@@ -83,6 +93,18 @@ def test_attention_auto_is_cudnn_on_cuda_in_bf16_and_xla_elsewhere():
         pick("cudnn", "mps", "bfloat16")
     with pytest.raises(UserError, match=r"^--attention cudnn runs in bf16 only .* add --dtype bf16"):
         pick("cudnn", "gpu", "float32")
+
+
+def test_dtype_auto_is_bf16_on_gpus_that_have_it_and_fp32_below_compute_capability_8(monkeypatch):
+    t4, a100 = SimpleNamespace(compute_capability="7.5"), SimpleNamespace(compute_capability="8.0")
+    for gpus, want in (([a100], "bfloat16"), ([t4], "float32"), ([a100, t4], "float32")):
+        monkeypatch.setattr("jax.local_devices", lambda gpus=gpus: gpus)
+        assert [devices.compute_dtype("auto", "gpu", training) for training in (True, False)] == [want] * 2
+        assert devices.compute_dtype("bf16", "gpu") == "bfloat16"  # asked for: the user's choice stands
+    assert devices.auto_dtype_note("auto", "gpu") == ("--dtype auto computes in float32: this GPU (compute capability "
+                                                      "7.5) has no bf16, and float16 training is not supported yet")
+    assert devices.auto_dtype_note("bf16", "gpu") is None and devices.auto_dtype_note("auto", "cpu") is None
+    assert devices.auto_dtype_note("auto", "gpu", [a100]) is None
 
 
 def test_device_metal_without_the_plugin_names_jax_mps(monkeypatch):
