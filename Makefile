@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: train test parity bench lint report gpu-check clean metal-resolve
+.PHONY: train test parity bench lint report gpu-check clean metal-resolve cuda-plugin cuda-compile
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,25 @@ $(VENV)/.full: $(VENV)/.core
 train: $(VENV)/.core
 	$(PY) train.py $(ARGS)
 
+# The jax CUDA plugin of the venv's own jax, with ptxas and libdevice, to compile GPU programs on a machine without
+# a GPU (benchmarks/cuda_compile.py). Beside the venv's packages, not among them: JAX in .venv stays CPU-only.
+CUDA_AOT := $(VENV)/cuda-aot
+CUDA_TOOLS := nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88
+$(CUDA_AOT)/.done: $(VENV)/.core
+	rm -rf $(CUDA_AOT)
+	v=$$($(PY) -c "import jax; print(jax.__version__)") && $(PY) -m pip install -q --no-deps --target $(CUDA_AOT) \
+	  "jax-cuda13-pjrt==$$v" "jax-cuda13-plugin==$$v" $(CUDA_TOOLS)
+	touch $@
+
+cuda-plugin: $(CUDA_AOT)/.done
+
+# Every GPU target and program into cuda_compile.json (compiled predictions: nothing runs); make test runs the h100
+# train rows (tests/test_cuda_compile.py).
+cuda-compile: $(VENV)/.core $(CUDA_AOT)/.done
+	$(PY) benchmarks/cuda_compile.py --out cuda_compile.json $(ARGS)
+
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
-test: $(VENV)/.full metal-resolve
+test: $(VENV)/.full $(CUDA_AOT)/.done metal-resolve
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
 
@@ -47,7 +64,7 @@ GPU_PY ?= $(PY)
 gpu-check:
 ifeq ($(GPU_PY),$(PY))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch -e ".[cuda,torch,dev]"
+	$(PY) -m pip install -q "torch>=2.11" -e ".[cuda,torch,dev]"
 endif
 	$(GPU_PY) benchmarks/gpu_check.py --out gpu_check.json $(ARGS)
 

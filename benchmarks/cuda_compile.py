@@ -1,0 +1,225 @@
+"""Compile, for NVIDIA GPUs, the programs a GPU run executes, on a machine with no GPU: `make cuda-compile`.
+
+    python benchmarks/cuda_compile.py --out cuda_compile.json                  # every target and program
+    python benchmarks/cuda_compile.py --targets h100 --programs train_step     # what `make test` runs
+
+XLA compiles for CUDA without a GPU or a driver ("deviceless" ahead-of-time compilation) given the jax CUDA
+plugin of jax's own version and ptxas (`make cuda-plugin` puts them in <venv>/cuda-aot, which this script puts
+on its path). Each target is a device description written from its datasheet (benchmarks/gpu_targets/).
+Each row: XLA's memory analysis of the compiled program (what one GPU must hold), its custom calls, FLOPs and
+bytes (benchmarks/hlo_cost.py) and a roofline lower bound on its time. These are compiled predictions: nothing
+runs, no autotuning happens, and cuDNN's own workspace and allocator fragmentation are not in the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+AOT_DIR = Path(os.environ.get("FLAX_GPT_CUDA_AOT", Path(sys.prefix) / "cuda-aot"))  # the plugin, nvcc and nvvm wheels
+if __name__ == "__main__":
+    os.environ["JAX_PLATFORMS"] = "cpu"  # compile for the GPU, run nothing: JAX itself stays on the CPU
+    sys.path[1:1] = [str(AOT_DIR), str(ROOT)]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hlo_cost  # noqa: E402
+
+from flax_gpt import GPT, evaluate, generate, preset  # noqa: E402
+from flax_gpt.metrics import flops_per_token  # noqa: E402
+from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer  # noqa: E402
+from flax_gpt.train import RUN_PRESETS  # noqa: E402
+from flax_gpt.train_step import init_state, make_eval_step, make_train_step  # noqa: E402
+
+HEADROOM = 0.10  # a train step "fits" when it needs at most 90% of the device's memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A GPU to compile for: its device description and the datasheet figures of its roofline."""
+
+    name: str
+    proto: str  # file in benchmarks/gpu_targets
+    memory_bytes: int  # device_memory_size of the description
+    bandwidth: float  # bytes/s
+    peak: dict  # compute dtype -> dense FLOP/s (tensor cores, float32 accumulation)
+    dtypes: tuple[str, ...]  # what it computes in here (no bf16 below compute capability 8.0)
+    micro_batch: int  # the gpt2 preset's micro batch on it
+
+
+TARGETS = {
+    "h100": Target("h100", "h100.txtpb", 85520809984, 3.35e12, {"bfloat16": 989e12}, ("bfloat16",),
+                   RUN_PRESETS["gpt2"].batch_size),
+    "h200": Target("h200", "h200.txtpb", 141_000_000_000, 4.8e12, {"bfloat16": 989e12}, ("bfloat16",),
+                   RUN_PRESETS["gpt2"].batch_size),
+    # T4: float32 without tensor cores (8.1 TFLOP/s); 16 GB holds an fp32 gpt2 step at micro batch 8 with --remat
+    "t4": Target("t4", "t4.txtpb", 15843721216, 320e9, {"float32": 8.1e12}, ("float32",), 8),
+}
+PROGRAMS = ("train_step", "eval_step", "hellaswag_step", "prefill", "decode_step")
+HOST_OPCODES = (" infeed(", " outfeed(", " send(", " recv(", " send-done(", " recv-done(")  # ops that need the host
+CPU_TARGETS = ("callback", "cpu", "lapack", "ducc")  # custom calls that run Python or CPU code
+
+
+def cudnn_stand_in() -> None:
+    """cuDNN attention asks libcudnn for its version while tracing; with no libcudnn here, accept the target's
+    (dnn_version_info in its description) instead of failing."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    try:
+        fused_attention_stablehlo.check_cudnn_version()
+    except (RuntimeError, ImportError, OSError):
+        fused_attention_stablehlo.check_cudnn_version = lambda *args, **kwargs: None
+
+
+def gpu_device(target: Target):
+    """The one device of a deviceless CUDA topology described by the target's proto."""
+    from jax.experimental import topologies
+
+    proto = (ROOT / "benchmarks" / "gpu_targets" / target.proto).read_text()
+    return topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=proto).devices[0]
+
+
+def on(device, tree):
+    """Abstract arrays of `tree` placed on `device`."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def programs(name: str, config, micro_batch: int, accum: int, seq_len: int, device):
+    """(jitted function, abstract arguments, sequences, tokens it processes) of one program of a gpt2-preset GPU
+    run."""
+    model = nnx.eval_shape(lambda: GPT(config))
+    if name == "train_step":
+        tx = make_optimizer(OptimConfig())
+        state = nnx.eval_shape(lambda: init_state(GPT(config), tx)[1])
+        step = make_train_step(nnx.split(model, nnx.Param)[0], tx, lr_schedule(OptimConfig()))
+        x = jax.ShapeDtypeStruct((accum, micro_batch, seq_len), jnp.int32)
+        return step, on(device, (state, x, x)), micro_batch, accum * micro_batch * seq_len
+    graphdef, params = nnx.split(model, nnx.Param)
+    if name == "eval_step":  # the val loss: one micro batch
+        x = jax.ShapeDtypeStruct((micro_batch, seq_len), jnp.int32)
+        return make_eval_step(graphdef), on(device, (params, x, x)), micro_batch, micro_batch * seq_len
+    if name == "hellaswag_step":  # train.py's rows: 4 endings of batch_size // 4 examples; real rows are < 256 tokens
+        rows = jax.ShapeDtypeStruct((micro_batch, 256), jnp.int32)
+        return evaluate.make_hellaswag_step(graphdef, 64), on(device, (params, rows, rows)), micro_batch, micro_batch * 256
+    graphdef, state = nnx.split(model)
+    samples, prompt_len, cache_len = 3, generate.PROMPT_BUCKET, config.block_size  # generate's default samples
+    sampling = dict(temperature=1.0, top_k=50, top_p=None)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    if name == "prefill":
+        prompt = jax.ShapeDtypeStruct((samples, prompt_len), jnp.int32)
+        fn = jax.jit(lambda p, x, n, k: generate._prefill(graphdef, p, x, n, k, cache_len, **sampling))
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        return fn, on(device, (state, prompt, scalar, key)), samples, samples * prompt_len
+    cache = jax.eval_shape(lambda: GPT.init_kv_cache(model, samples, cache_len))
+    token, pos = jax.ShapeDtypeStruct((samples,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    fn = jax.jit(lambda p, t, c, n, k, i: generate._step(graphdef, p, t, c, n, k, i, **sampling), donate_argnums=2)
+    return fn, on(device, (state, token, cache, pos, key, pos)), samples, samples
+
+
+def host_ops(text: str) -> list[str]:
+    """Ops of a compiled GPU program that would stop it for the host: transfers, callbacks, CPU custom calls."""
+    targets = [t for t in hlo_cost.custom_call_targets(text) if any(c in t.lower() for c in CPU_TARGETS)]
+    return sorted({op.strip(" (") for op in HOST_OPCODES if op in text} | set(targets))
+
+
+def plugin_installed() -> bool:
+    """Whether AOT_DIR holds a jax CUDA plugin."""
+    plugins = AOT_DIR / "jax_plugins"
+    return plugins.is_dir() and any(p.name.startswith("xla_cuda") for p in plugins.iterdir())
+
+
+def compile_row(target: Target, device, program: str, dtype: str, attention: str, remat: bool, micro_batch: int,
+                accum: int) -> dict:
+    """Compile one program for the target; its memory, custom calls, cost and roofline as one JSON row."""
+    run = RUN_PRESETS["gpt2"]
+    config = preset(run.model, dtype=dtype, attention=attention, remat=remat)
+    fn, args, micro_batch, tokens = programs(program, config, micro_batch, accum, run.seq_len, device)
+    t0 = time.time()
+    compiled = fn.trace(*args).lower().compile()
+    compile_s = time.time() - t0
+    text = compiled.as_text()
+    memory = compiled.memory_analysis()
+    peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                  + memory.temp_size_in_bytes)
+    cost = hlo_cost.program_cost(text)
+    peak_flops = target.peak[dtype]
+    roofline_s = max(cost["flops"] / peak_flops, cost["bytes_accessed"] / target.bandwidth)
+    n_params = sum(p.size for p in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: GPT(config)), nnx.Param)))
+    model_flops = flops_per_token(config, n_params - config.block_size * config.n_embd, run.seq_len) * tokens
+    return {
+        "target": target.name, "device": device.device_kind, "program": program, "attention": attention,
+        "remat": remat, "dtype": dtype, "micro_batch": micro_batch, "accum": accum, "seq_len": run.seq_len,
+        "tokens": tokens, "peak_bytes": peak_bytes, "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
+        "alias_bytes": memory.alias_size_in_bytes, "device_memory_bytes": target.memory_bytes,
+        "fits": peak_bytes <= (1 - HEADROOM) * target.memory_bytes, "compile_s": round(compile_s, 1),
+        "custom_calls": hlo_cost.custom_call_targets(text),
+        "host_ops": host_ops(text),
+        "flops": cost["flops"], "bytes_accessed": cost["bytes_accessed"],
+        "roofline_s": roofline_s, "roofline_bound": "compute" if cost["flops"] / peak_flops >= cost["bytes_accessed"]
+        / target.bandwidth else "memory",
+        "mfu_at_roofline": model_flops / (roofline_s * peak_flops) if program == "train_step" else None,
+    }
+
+
+def plan(target: Target, wanted: tuple[str, ...]) -> list[dict]:
+    """The rows to compile for a target: the train step with each attention and remat, then the others."""
+    run = RUN_PRESETS["gpt2"]
+    accum = run.total_batch_size // (target.micro_batch * run.seq_len)
+    rows = []
+    for dtype in target.dtypes:
+        attentions = ("cudnn", "xla") if dtype == "bfloat16" else ("xla",)  # cuDNN flash attention: 16-bit only
+        auto = attentions[0]
+        if "train_step" in wanted:
+            rows += [dict(program="train_step", dtype=dtype, attention=a, remat=r, micro_batch=target.micro_batch,
+                          accum=accum) for a in attentions for r in (False, True)]
+        rows += [dict(program=p, dtype=dtype, attention=auto, remat=False, micro_batch=target.micro_batch, accum=1)
+                 for p in PROGRAMS[1:] if p in wanted]
+    return rows
+
+
+def summary(row: dict) -> str:
+    """One line of the table printed as rows finish."""
+    GiB = 2**30
+    mfu = f"{row['mfu_at_roofline']:.0%}" if row["mfu_at_roofline"] is not None else "-"
+    return (f"{row['target']:5} {row['program']:14} {row['dtype']:8} {row['attention']:5} remat={row['remat']!s:5} "
+            f"{row['micro_batch']:3}x{row['accum']:<2} peak {row['peak_bytes'] / GiB:6.2f} GiB "
+            f"({'fits' if row['fits'] else 'DOES NOT FIT'} {row['device_memory_bytes'] / GiB:.0f} GiB) "
+            f"{row['flops'] / 1e12:8.2f} TFLOP {row['bytes_accessed'] / 1e9:8.1f} GB roofline "
+            f"{row['roofline_s'] * 1e3:8.2f} ms ({row['roofline_bound']}) MFU<={mfu} compile {row['compile_s']} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    ap.add_argument("--programs", nargs="+", choices=PROGRAMS, default=list(PROGRAMS))
+    ap.add_argument("--out", default="cuda_compile.json")
+    args = ap.parse_args(argv)
+    if not plugin_installed():
+        print(f"error: no jax CUDA plugin in {AOT_DIR}: run `make cuda-plugin` (or set FLAX_GPT_CUDA_AOT)",
+              file=sys.stderr)
+        return 2
+    cudnn_stand_in()
+    rows = []
+    for name in args.targets:
+        target = TARGETS[name]
+        device = gpu_device(target)
+        for spec in plan(target, tuple(args.programs)):
+            rows.append(compile_row(target, device, **spec))
+            print(summary(rows[-1]), flush=True)
+            Path(args.out).write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=1))  # as they finish
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
