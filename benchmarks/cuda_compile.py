@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,7 +64,7 @@ TARGETS = {
                    RUN_PRESETS["gpt2"].batch_size),
     "h200": Target("h200", "h200.txtpb", 141_000_000_000, 4.8e12, {"bfloat16": 989e12}, ("bfloat16",),
                    RUN_PRESETS["gpt2"].batch_size),
-    # T4: float32 without tensor cores (8.1 TFLOP/s); 16 GB holds an fp32 gpt2 step at micro batch 8 with --remat
+    # T4: float32 without tensor cores (8.1 TFLOP/s); micro batch 8 (x64) is build-nanogpt's tokens per step in 16 GB
     "t4": Target("t4", "t4.txtpb", 15843721216, 320e9, {"float32": 8.1e12}, ("float32",), 8),
 }
 PROGRAMS = ("train_step", "eval_step", "hellaswag_step", "prefill", "decode_step")
@@ -199,17 +202,62 @@ def summary(row: dict) -> str:
             f"{row['roofline_s'] * 1e3:8.2f} ms ({row['roofline_bound']}) MFU<={mfu} compile {row['compile_s']} s")
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, with "+changes" when its tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    except OSError:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty else "") if head.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """This machine's CPU (the figures do not depend on it; compile_s does)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def markdown(results: dict) -> str:
+    """The rows of a results file as README's table."""
+    GiB = 2**30
+    lines = ["| target | program | attention | remat | dtype | micro batch x accum | peak GiB (of) | fits with 10% |"
+             " TFLOP | GB accessed | roofline ms | MFU at roofline | compile s |",
+             "| --- | --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results["rows"]:
+        mfu = f"{r['mfu_at_roofline']:.0%}" if r["mfu_at_roofline"] is not None else "-"
+        lines.append(f"| {r['target']} | {r['program']} | {r['attention']} | {'yes' if r['remat'] else 'no'} | "
+                     f"{r['dtype']} | {r['micro_batch']}x{r['accum']} | {r['peak_bytes'] / GiB:.2f} "
+                     f"({r['device_memory_bytes'] / GiB:.1f}) | {'yes' if r['fits'] else 'no'} | "
+                     f"{r['flops'] / 1e12:.2f} | {r['bytes_accessed'] / 1e9:.1f} | {r['roofline_s'] * 1e3:.1f} "
+                     f"({r['roofline_bound']}) | {mfu} | {r['compile_s']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     ap.add_argument("--programs", nargs="+", choices=PROGRAMS, default=list(PROGRAMS))
     ap.add_argument("--out", default="cuda_compile.json")
+    ap.add_argument("--markdown", metavar="RESULTS", help="print a results file's rows of --targets and --programs as "
+                    "a table; compile nothing")
     args = ap.parse_args(argv)
+    if args.markdown:
+        results = json.loads(Path(args.markdown).read_text())
+        rows = [r for r in results["rows"] if r["target"] in args.targets and r["program"] in args.programs]
+        print(markdown({**results, "rows": rows}))
+        return 0
     if not plugin_installed():
         print(f"error: no jax CUDA plugin in {AOT_DIR}: run `make cuda-plugin` (or set FLAX_GPT_CUDA_AOT)",
               file=sys.stderr)
         return 2
     cudnn_stand_in()
+    about = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "cpu": cpu_model(),
+             "command": " ".join(["python benchmarks/cuda_compile.py", *(argv if argv is not None else sys.argv[1:])]),
+             "jax": jax.__version__}
     rows = []
     for name in args.targets:
         target = TARGETS[name]
@@ -217,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in plan(target, tuple(args.programs)):
             rows.append(compile_row(target, device, **spec))
             print(summary(rows[-1]), flush=True)
-            Path(args.out).write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=1))  # as they finish
+            Path(args.out).write_text(json.dumps({**about, "rows": rows}, indent=1))  # as they finish
     return 0
 
 
