@@ -37,7 +37,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hlo_cost  # noqa: E402
 
-from flax_gpt import GPT, evaluate, generate, preset  # noqa: E402
+from flax_gpt import GPT, evaluate, generate, ops, preset  # noqa: E402
 from flax_gpt.metrics import flops_per_token  # noqa: E402
 from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer  # noqa: E402
 from flax_gpt.train import RUN_PRESETS  # noqa: E402
@@ -142,13 +142,23 @@ def plugin_installed() -> bool:
 
 
 def compile_row(target: Target, device, program: str, dtype: str, attention: str, remat: bool, micro_batch: int,
-                accum: int) -> dict:
-    """Compile one program for the target; its memory, custom calls, cost and roofline as one JSON row."""
+                accum: int, loss_chunk: int | None = None) -> dict:
+    """Compile one program for the target; its memory, custom calls, cost and roofline as one JSON row.
+
+    loss_chunk: tokens per chunk of the lm_head + loss (ops.LOSS_CHUNK, chosen for CPU memory), 0 for the full
+    logits with plain autodiff; None keeps the library's choice.
+    """
     run = RUN_PRESETS["gpt2"]
     config = preset(run.model, dtype=dtype, attention=attention, remat=remat)
     fn, args, micro_batch, tokens = programs(program, config, micro_batch, accum, run.seq_len, device)
+    kept = ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS
+    if loss_chunk is not None:  # read while tracing
+        ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS = (loss_chunk, kept[1]) if loss_chunk else (kept[0], 2**62)
     t0 = time.time()
-    compiled = fn.trace(*args).lower().compile()
+    try:
+        compiled = fn.trace(*args).lower().compile()
+    finally:
+        ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS = kept
     compile_s = time.time() - t0
     text = compiled.as_text()
     memory = compiled.memory_analysis()
@@ -161,6 +171,7 @@ def compile_row(target: Target, device, program: str, dtype: str, attention: str
     model_flops = flops_per_token(config, n_params - config.block_size * config.n_embd, run.seq_len) * tokens
     return {
         "target": target.name, "device": device.device_kind, "program": program, "attention": attention,
+        "loss_chunk": ops.LOSS_CHUNK if loss_chunk is None else loss_chunk, "xla_flags": os.environ.get("XLA_FLAGS"),
         "remat": remat, "dtype": dtype, "micro_batch": micro_batch, "accum": accum, "seq_len": run.seq_len,
         "tokens": tokens, "peak_bytes": peak_bytes, "temp_bytes": memory.temp_size_in_bytes,
         "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
@@ -175,10 +186,15 @@ def compile_row(target: Target, device, program: str, dtype: str, attention: str
     }
 
 
-def plan(target: Target, wanted: tuple[str, ...]) -> list[dict]:
-    """The rows to compile for a target: the train step with each attention and remat, then the others."""
+def plan(target: Target, wanted: tuple[str, ...], loss_chunks: list[int] | None = None) -> list[dict]:
+    """The rows to compile for a target: the train step with each attention and remat, then the others; with
+    loss_chunks, the train step with the default attention and no remat at each chunk size instead."""
     run = RUN_PRESETS["gpt2"]
     accum = run.total_batch_size // (target.micro_batch * run.seq_len)
+    if loss_chunks:
+        return [dict(program="train_step", dtype=target.dtypes[0], attention="cudnn" if target.dtypes[0] == "bfloat16"
+                     else "xla", remat=False, micro_batch=target.micro_batch, accum=accum, loss_chunk=c)
+                for c in loss_chunks]
     rows = []
     for dtype in target.dtypes:
         attentions = ("cudnn", "xla") if dtype == "bfloat16" else ("xla",)  # cuDNN flash attention: 16-bit only
@@ -242,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     ap.add_argument("--programs", nargs="+", choices=PROGRAMS, default=list(PROGRAMS))
     ap.add_argument("--out", default="cuda_compile.json")
+    ap.add_argument("--loss-chunks", type=int, nargs="+", metavar="TOKENS",
+                    help="compare the train step at these lm_head + loss chunk sizes (0: full logits, autodiff)")
     ap.add_argument("--markdown", metavar="RESULTS", help="print a results file's rows of --targets and --programs as "
                     "a table; compile nothing")
     args = ap.parse_args(argv)
@@ -262,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.targets:
         target = TARGETS[name]
         device = gpu_device(target)
-        for spec in plan(target, tuple(args.programs)):
+        for spec in plan(target, tuple(args.programs), args.loss_chunks):
             rows.append(compile_row(target, device, **spec))
             print(summary(rows[-1]), flush=True)
             Path(args.out).write_text(json.dumps({**about, "rows": rows}, indent=1))  # as they finish
