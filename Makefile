@@ -1,12 +1,16 @@
 # Two commands: `make train` and `make test`. Each builds .venv here first if it is missing.
+# `make test-py312`: the second CI leg, Python 3.12 and jax 0.11 without torch, in .venv312.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch on machines without a GPU; set TORCH_SPEC=torch for your platform's default.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# Python 3.12 for test-py312: pyenv's 3.12.1 where pyenv is, else set PY312=/path/to/python3.12
+PY312 ?= $(shell pyenv prefix 3.12.1 2>/dev/null)/bin/python
+VENV312 := .venv312
 
-.PHONY: train test parity bench lint report gpu-check gpu-wheels clean metal-resolve cuda-plugin cuda-compile
+.PHONY: train test test-py312 parity bench lint report gpu-check gpu-wheels clean metal-resolve cuda-plugin cuda-compile
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +47,24 @@ cuda-compile: $(VENV)/.core $(CUDA_AOT)/.done
 test: $(VENV)/.full $(CUDA_AOT)/.done metal-resolve
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# pip resolves jax 0.11.x on Python 3.12 (jax 0.11 needs 3.12). No torch here: the dev extra must not pull it
+# (PyPI's Linux torch is a multi-GB CUDA build), which the last line checks.
+$(VENV312)/.dev: pyproject.toml
+	test -x $(PY312) || { echo "make test-py312: no Python 3.12 at $(PY312); set PY312"; exit 1; }
+	test -x $(VENV312)/bin/python || $(PY312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install -q --upgrade pip
+	$(VENV312)/bin/python -m pip install -q -e ".[dev]"
+	$(VENV312)/bin/python -c "import importlib.util as u; assert not u.find_spec('torch'), 'torch in $(VENV312)'"
+	touch $@
+
+# Every test not marked torch, on Python 3.12 (the torch ones run in `make test`). parity_tests/ and
+# test_original_checkpoints_cli.py import torch at the top, so they are left out of collection as well.
+test-py312: $(VENV312)/.dev
+	$(VENV312)/bin/python -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
+	$(VENV312)/bin/python -m pytest -q -p no:cacheprovider -m "not torch and not cuda_aot" tests \
+		--ignore=tests/test_original_checkpoints_cli.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-py312: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # The metal extra resolved for macOS 14 on Apple silicon (uv, from PyPI): fails without jax-mps and a jax it takes.
 metal-resolve: $(VENV)/.full
@@ -85,4 +107,4 @@ lint: $(VENV)/.full
 	$(PY) -m ruff check flax_gpt torch_ref parity_tests tests benchmarks train.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VENV312) .pytest_cache

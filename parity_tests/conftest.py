@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,15 @@ def _quiet_transformers():
 _quiet_transformers()
 
 _models: dict[str, torch.nn.Module] = {}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    """Every parity test compares with torch or transformers: all are marked torch."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.torch)
 
 
 def get_hf_model(shape_name: str):

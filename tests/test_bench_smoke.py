@@ -24,6 +24,7 @@ def load_bench_train():
     return module
 
 
+@pytest.mark.torch  # benchmarks torch_ref beside flax
 def test_bench_train_smoke(tmp_path):
     """Tokens/s agree with ms/step and the batch the test asked for; flax and torch train the same model alike."""
     out, (B, T, warmup, steps) = tmp_path / "bench.json", (2, 16, 1, 2)

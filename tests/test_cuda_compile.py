@@ -35,6 +35,7 @@ def h100_train_rows(tmp_path_factory):
     return {(r["attention"], r["remat"]): r for r in rows}
 
 
+@pytest.mark.cuda_aot  # the H100 rows, compiled once for the module
 def test_the_gpt2_train_step_fits_an_h100_with_headroom_at_its_micro_batch(h100_train_rows):
     run = RUN_PRESETS["gpt2"]
     assert set(h100_train_rows) == {(a, r) for a in ("cudnn", "xla") for r in (False, True)}
@@ -48,6 +49,7 @@ def test_the_gpt2_train_step_fits_an_h100_with_headroom_at_its_micro_batch(h100_
         assert h100_train_rows[attention, True]["peak_bytes"] < 0.35 * h100_train_rows[attention, False]["peak_bytes"]
 
 
+@pytest.mark.cuda_aot  # the H100 rows, compiled once for the module
 def test_cudnn_rows_hold_cudnn_fused_attention_and_xla_rows_none(h100_train_rows):
     layers = preset("gpt2").n_layer
     for (attention, remat), row in h100_train_rows.items():
@@ -60,6 +62,7 @@ def test_cudnn_rows_hold_cudnn_fused_attention_and_xla_rows_none(h100_train_rows
         assert row["host_ops"] == [], row["host_ops"]  # no callback, transfer or CPU-only custom call
 
 
+@pytest.mark.cuda_aot  # the H100 rows, compiled once for the module
 def test_the_cost_counts_the_step_as_nanogpt_does(h100_train_rows):
     """FLOPs of the compiled step against nanoGPT's 6N + 12LHQT per token (which counts attention whole):
     cuDNN skips the masked half of attention and recomputes scores in its backward pass; --remat adds a forward."""

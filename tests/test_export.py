@@ -103,6 +103,7 @@ def test_export_layout(exported, odd_model):
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == config["eos_token_id"]
 
 
+@pytest.mark.torch  # transformers loads the export
 def test_transformers_loads_the_export_with_our_logits(exported, odd_model):
     diff = hf_logits_diff(odd_model, exported)
     print(f"max |logits diff| flax vs transformers after export: {diff:.2e}")  # measured: ~1e-6 (odd shape)
@@ -149,6 +150,7 @@ def train_run(tmp_path_factory):
     return run_dir, model, expected
 
 
+@pytest.mark.torch  # transformers loads the export
 def test_export_cli_from_a_training_run(train_run, tmp_path):
     run_dir, model, expected = train_run
     out = tmp_path / "exported"
@@ -267,6 +269,7 @@ def test_load_model_rejects_an_unknown_dtype(exported):
 # ----------------------------------------------------------------------------- build-nanogpt / nanoGPT files
 
 
+@pytest.mark.torch  # a .pt is written and read with torch
 @pytest.mark.parametrize("fmt", ["build-nanogpt", "nanogpt"])
 def test_a_pt_is_replaced_only_with_overwrite(exported, tmp_path, capsys, fmt):
     target = tmp_path / "ckpt.pt"
@@ -282,6 +285,7 @@ def test_a_pt_is_replaced_only_with_overwrite(exported, tmp_path, capsys, fmt):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
+@pytest.mark.torch  # a .pt export refuses to start without torch
 def test_a_failed_pt_export_leaves_nothing_behind(odd_model, tmp_path, monkeypatch):
     def half_write(ckpt, f):
         f.write(b"\0" * 100)  # a partial checkpoint ...

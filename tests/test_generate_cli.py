@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.torch  # transformers writes the HF directory every test samples from
+
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):

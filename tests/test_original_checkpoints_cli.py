@@ -19,6 +19,8 @@ from parity_tests.checkpoints import PADDED, RunsCode, make_hf_model, save_build
 from train_runs import (COMMON, PYTHON, Spec, assert_refused, needs, read_records, scheduled_runs,
                         val_losses, with_args, work_dir)
 
+pytestmark = pytest.mark.torch  # torch writes and reads every .pt here (and is imported above)
+
 LOGITS_BOUND = 1e-5  # parity_tests/checks.py LOGITS_MAX_ABS
 LOSS_REL = 1e-6  # parity_tests/checks.py LOSS_REL
 RUN_STEPS = 3

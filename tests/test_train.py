@@ -335,6 +335,7 @@ def eval_loss(model, work: Path, monkeypatch) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
+@pytest.mark.torch  # transformers writes the HF directory
 @needs("hf_model", "hf", "a6")
 def test_init_from_local_hf_directory(runs, work, monkeypatch):
     from flax_gpt import GPT
