@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hlo_cost  # noqa: E402
 
 from flax_gpt import GPT, evaluate, generate, ops, preset  # noqa: E402
-from flax_gpt.metrics import flops_per_token  # noqa: E402
+from flax_gpt.metrics import flops_per_token, params_without_wpe  # noqa: E402
 from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer  # noqa: E402
 from flax_gpt.train import RUN_PRESETS  # noqa: E402
 from flax_gpt.train_step import init_state, make_eval_step, make_train_step  # noqa: E402
@@ -167,8 +167,8 @@ def compile_row(target: Target, device, program: str, dtype: str, attention: str
     cost = hlo_cost.program_cost(text)
     peak_flops = target.peak[dtype]
     roofline_s = max(cost["flops"] / peak_flops, cost["bytes_accessed"] / target.bandwidth)
-    n_params = sum(p.size for p in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: GPT(config)), nnx.Param)))
-    model_flops = flops_per_token(config, n_params - config.block_size * config.n_embd, run.seq_len) * tokens
+    n_params = params_without_wpe(nnx.state(nnx.eval_shape(lambda: GPT(config)), nnx.Param), config)
+    model_flops = flops_per_token(config, n_params, run.seq_len) * tokens
     return {
         "target": target.name, "device": device.device_kind, "program": program, "attention": attention,
         "loss_chunk": ops.LOSS_CHUNK if loss_chunk is None else loss_chunk, "xla_flags": os.environ.get("XLA_FLAGS"),

@@ -87,24 +87,27 @@ def check_plan(plan: dict) -> list[str]:
     return problems
 
 
+def stage_summary(name: str, s: dict) -> str:
+    """What one stage of a plan runs, in a line: its shapes and token counts."""
+    if name == "env":
+        return "versions and the device"
+    if name == "attention":
+        return f"cuDNN vs XLA attention, {s['preset']} {s['batch_size']}x(block size)"
+    if name == "parity":
+        return "pytest " + " ".join(s["pytest"])
+    if name == "bench":
+        return (f"{s['preset']} {s['batch_size']}x{s['seq_len']}, {s['warmup']} warm-up + {s['steps']} rounds of "
+                f"{', '.join(s['variants'])}")
+    n_train, n_val = train_tokens(s)
+    accum = s["total_batch_size"] // (s["batch_size"] * s["seq_len"])
+    return (f"train.py --preset {s['preset']}: {s['batch_size']}x{s['seq_len']} x {accum} micro batches, "
+            f"{s['max_steps']} steps, {s['eval_batches']} eval batches; writes {n_train:,} train and {n_val:,} val "
+            "tokens")
+
+
 def describe(plan: dict, stages: list[str]) -> str:
     """The plan as lines: each stage's shapes, tokens and expected seconds, and the total against the budget."""
-    lines = []
-    for name in stages:
-        s = plan[name]
-        what = {"env": "versions and the device",
-                "attention": f"cuDNN vs XLA attention, {s.get('preset')} {s.get('batch_size')}x(block size)",
-                "parity": "pytest " + " ".join(s.get("pytest", [])),
-                "bench": f"{s.get('preset')} {s.get('batch_size')}x{s.get('seq_len')}, {s.get('warmup')} warm-up + "
-                         f"{s.get('steps')} rounds of {', '.join(s.get('variants', []))}",
-                "train": ""}[name]
-        if name == "train":
-            n_train, n_val = train_tokens(s)
-            accum = s["total_batch_size"] // (s["batch_size"] * s["seq_len"])
-            what = (f"train.py --preset {s['preset']}: {s['batch_size']}x{s['seq_len']} x {accum} micro batches, "
-                    f"{s['max_steps']} steps, {s['eval_batches']} eval batches; writes {n_train:,} train and "
-                    f"{n_val:,} val tokens")
-        lines.append(f"  {name:9} ~{s['seconds']:>3} s  {what}")
+    lines = [f"  {name:9} ~{plan[name]['seconds']:>3} s  {stage_summary(name, plan[name])}" for name in stages]
     total = sum(plan[name]["seconds"] for name in stages)
     lines.append(f"  expected {total} s of a {BUDGET_S} s budget (estimates: no GPU has run this plan yet)")
     return "\n".join(lines)
@@ -118,8 +121,8 @@ def run(cmd: list[str], env: dict | None = None, timeout: float | None = None) -
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=timeout)
         rc, out = proc.returncode, proc.stdout
-    except subprocess.TimeoutExpired as e:
-        rc, out = 124, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    except subprocess.TimeoutExpired as e:  # its output comes back as bytes even with text=True
+        rc, out = 124, (e.stdout or b"").decode(errors="replace")
     print(out[-4000:], flush=True)
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.time() - t0, 1), "tail": out[-3000:]}
 

@@ -37,6 +37,11 @@ GPU_PEAK_BF16 = {
 }
 
 
+def params_without_wpe(params, config: GPTConfig) -> int:
+    """The N of flops_per_token: every parameter but the position embeddings (a lookup, no matmul)."""
+    return sum(x.size for x in jax.tree.leaves(params)) - config.block_size * config.n_embd
+
+
 def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token, nanoGPT's estimate: 6N + 12 L H Q T (N without wpe)."""
     L, H, Q, T = config.n_layer, config.n_head, config.head_dim, seq_len

@@ -380,7 +380,7 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
 
     import jax
 
-    from flax_gpt.metrics import MetricsLog, peak_flops
+    from flax_gpt.metrics import MetricsLog, params_without_wpe, peak_flops
     from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
     from flax_gpt.sinks import new_run_id, open_sinks
     from flax_gpt.train_step import make_eval_step, make_train_step
@@ -436,7 +436,7 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
             raise UserError(f"--resume: {ckpt_root} is at step {start_step}, the run is finished "
                             f"(--max-steps {cfg.max_steps}){_extend_hint(dataclasses.asdict(cfg))}")
     is_main = proc == 0
-    n_params = sum(x.size for x in jax.tree.leaves(state.params)) - config.block_size * config.n_embd
+    n_params = params_without_wpe(state.params, config)
     saved_cfg = dataclasses.replace(cfg, data=str(source), extend_steps=0,
                                     dtype={"float32": "fp32", "bfloat16": "bf16"}[dtype],
                                     hellaswag=cfg.hellaswag and str(Path(cfg.hellaswag).expanduser().resolve()))
@@ -475,8 +475,9 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[Run, float | None]:
         r.log(f"logging to {sink.where}")
     if caps.fallbacks():
         r.log(f"{platform} falls back to: {', '.join(caps.fallbacks())}")
-    if devices.auto_dtype_note(cfg.dtype, platform):
-        r.log(devices.auto_dtype_note(cfg.dtype, platform))
+    dtype_note = devices.auto_dtype_note(cfg.dtype, platform)
+    if dtype_note:
+        r.log(dtype_note)
     return r, peak
 
 
