@@ -68,17 +68,19 @@ def corpus_text(n_lines: int = 120, seed: int = 0) -> str:
 
 
 def read_records(out: Path) -> list[dict]:
-    """metrics.jsonl of a run (complete lines only: a killed run may leave half a line)."""
-    records = []
+    """metrics.jsonl of a run. Only a last line without its newline may be cut (a run killed, or still writing,
+    mid-line): that one is left out; any other line that is not JSON is an error."""
     path = out / "metrics.jsonl"
     if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    torn = lines[-1:] if lines and not text.endswith("\n") else []
+    records = [json.loads(line) for line in lines[:len(lines) - len(torn)]]
+    try:
+        return records + [json.loads(line) for line in torn]
+    except ValueError:
         return records
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return records
 
 
 def train_losses(records: list[dict]) -> dict[int, float]:
