@@ -586,9 +586,10 @@ def _key_bias_split(sd: dict, n_embd: int) -> tuple[dict, dict]:
 
     The true gradient of the key bias is exactly zero (it adds the same score to every key
     of a query, which softmax cancels); what autodiff returns there is rounding noise of
-    ~1e-7 relative, and AdamW normalises noise into lr-sized steps. Measured here: every
-    other tensor agrees to <= 4e-8, this slice anywhere up to 0.6 relative. So it is
-    compared apart, against the only bound that holds: |change| <= lr per step.
+    ~1e-9 (1e-7 of the query bias's), and AdamW divides the noise by its own size plus eps
+    (1e-8) into steps of up to lr. Measured here: every other tensor agrees to <= 4e-8, this
+    slice anywhere up to 0.6 relative. So it is compared apart, by |diff| / (2 lr): see
+    KEY_BIAS_STEP.
     """
     rest, key_bias = {}, {}
     for k, v in sd.items():
@@ -597,6 +598,14 @@ def _key_bias_split(sd: dict, n_embd: int) -> tuple[dict, dict]:
             v = np.concatenate([v[:n_embd], v[2 * n_embd:]])
         rest[k] = v
     return rest, key_bias
+
+
+# The key-bias slice after AdamW steps, max |flax - torch_ref| / (2 lr) (2 lr: the most two steps can differ by).
+# Measured 2.6e-2 (one step) and 9.5e-3 (the nanoGPT file's state, step 4): the noise is below eps, so steps stay a
+# few percent of lr. A key-bias gradient that is not ~0 on one side (attention no longer invariant to a score added
+# to every key) moves that side's slice by ~lr: 1e-6 added to torch_ref's measured 0.49 (one step) and 0.27 (step 4),
+# while every other tensor stayed within 5e-7. The bound before, 1, was the most two AdamW steps can differ by.
+KEY_BIAS_STEP = 0.1
 
 
 def schedule_vs_build_nanogpt() -> Measurement:
@@ -624,7 +633,7 @@ def adamw_step_flax_vs_torch_ref(shape: str = "odd") -> tuple[Measurement, Measu
     worst = max(rel(ours_rest[k], ref_rest[k]) for k in ref_rest)
     kb = max(max_abs(ours_kb[k], ref_kb[k]) for k in ref_kb) / (2 * _torch_lr(0, c))
     return (Measurement(f"one AdamW step flax vs torch_ref [{shape}] params after, worst relative", worst, ADAMW_STEP_REL),
-            Measurement(f"one AdamW step [{shape}] key-bias slice |diff| / (2 lr)", kb, 1.0))
+            Measurement(f"one AdamW step [{shape}] key-bias slice |diff| / (2 lr)", kb, KEY_BIAS_STEP))
 
 
 def trajectory_flax_vs_torch_ref(shape: str = "tiny", steps: int = 20) -> Measurement:
@@ -736,7 +745,8 @@ def adamw_state_to_nanogpt(shape: str = "odd", steps: int = 3) -> tuple[Measurem
     return (Measurement(f"AdamW state flax -> nanoGPT .pt -> torch_ref, step {steps + 1} both sides [{shape}] params "
                         "after, worst relative", max(rel(ours_rest[k], ref_rest[k]) for k in ref_rest), ADAMW_STEP_REL),
             Measurement(f"AdamW state -> nanoGPT .pt, step {steps + 1} [{shape}] key-bias slice |diff| / (2 lr)",
-                        max(max_abs(ours_kb[k], ref_kb[k]) for k in ref_kb) / (2 * _torch_lr(steps, c)), 1.0))
+                        max(max_abs(ours_kb[k], ref_kb[k]) for k in ref_kb) / (2 * _torch_lr(steps, c)),
+                        KEY_BIAS_STEP))
 
 
 def all_conversion_checks() -> list[Measurement]:
