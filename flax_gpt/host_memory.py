@@ -26,6 +26,14 @@ def jax_runs_on_cpu(device: str) -> bool:
     return True
 
 
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library if it is glibc (whose mallopt takes the settings below), else None."""
+    if not sys.platform.startswith("linux"):  # CDLL(None) is the process's own symbols only on ELF systems
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "gnu_get_libc_version") else None  # musl and others: no such mallopt
+
+
 def keep_freed_memory() -> bool:
     """glibc only: one arena, no mmap for big blocks, no trimming, so freed blocks are reused in place.
 
@@ -33,10 +41,8 @@ def keep_freed_memory() -> bool:
     memory: what one phase frees (eval, sampling, checkpointing) stays with the process, so a run's peak RSS
     is higher. Only worth it when XLA computes on the CPU. Call it before JAX starts its threads; True if applied.
     """
-    if not sys.platform.startswith("linux") or os.environ.get(OPT_OUT) == "1":
-        return False
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: no mallopt
+    libc = glibc()
+    if libc is None or os.environ.get(OPT_OUT) == "1":
         return False
     settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: never trim
     return all(libc.mallopt(param, value) == 1 for param, value in settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -31,25 +32,45 @@ from flax_gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from parity_tests.checkpoints import (SHAPES_BY_NAME, load_as_the_originals_do, make_hf_model,  # noqa: E402
                                       save_build_nanogpt, save_checkpoint, save_nanogpt, torch_ref_model)
 
-# The parity tolerance table: a bound changes only with a measured reason beside it.
-LOGITS_MAX_ABS = 1e-5
-LOSS_REL = 1e-6
-GRAD_REL = 1e-5
-ADAMW_STEP_REL = 1e-6
-TRAJECTORY_REL = 1e-4
-BF16_REL = 2e-2
-BF16_KL = 1e-3
-BF16_GRAD_REL = BF16_REL  # the table's bf16 row; measured 1.1e-2 to 1.3e-2 (worst param) on tiny, odd, deep
+# The parity tolerance table: a bound changes only with a measured reason beside it. Measured by `make report` on
+# this project's CPU machine (x86_64, 2 cores; jax 0.10.2, torch 2.13, transformers 5.24), tiny, odd and deep.
+LOGITS_MAX_ABS = 1e-5  # measured 6.0e-7 to 1.9e-6 (logits of O(1): flax and torch_ref vs transformers, .pt files)
+LOSS_REL = 1e-6  # measured 0 to 9.7e-8 (about one float32 ulp of the loss)
+GRAD_REL = 1e-5  # measured 6.8e-7 to 8.7e-7 (flax vs torch_ref, worst parameter)
+ADAMW_STEP_REL = 1e-6  # measured 4.6e-8 to 4.2e-7 (parameters after AdamW steps, worst tensor)
+TRAJECTORY_REL = 2e-6  # measured 1.9e-7 (20 steps on tiny, worst per-step loss)
+JIT_MAX_ABS = 5e-6  # jit vs eager logits: measured 3.6e-7 to 6.0e-7 (XLA fuses the jitted program's sums apart)
+# ops.causal_attention by blocks vs one XLA call, fp32 (T=45): measured output 9.7e-8, gradients 1.6e-7
+BLOCKED_ATTENTION_REL = 1e-6
+BLOCKED_ATTENTION_GRAD_REL = 2e-6
+BF16_REL = 2e-2  # measured 5.6e-3 to 1.2e-2 (bf16 logits and gradients, flax vs torch autocast)
+BF16_KL = 1e-4  # measured 5.9e-6 to 1.7e-5 (mean softmax KL, flax bf16 vs torch autocast)
+BF16_GRAD_REL = BF16_REL  # the table's bf16 row; measured 9.4e-3 to 1.2e-2 (worst param) on tiny, odd, deep
 # bf16 chunked vs full-logits loss: the same bf16 logits summed in another order; measured 9.4e-8 to 9.4e-6
 BF16_LOSS_REL = 1e-4
 # bf16 chunked vs full-logits gradients: both round cotangents to bf16, at different points (the full-logits
-# path also rounds dx and dW of the lm_head to bf16); measured 7.6e-3 to 9.1e-3, so the table's bf16 row
+# path also rounds dx and dW of the lm_head to bf16); measured 7.4e-3 to 8.6e-3, so the table's bf16 row
 BF16_CHUNKED_GRAD_REL = BF16_REL
 # The remat train step against autodiff without remat, bf16, full logits: two programs whose bf16 intermediates XLA
 # fuses (and rounds, or keeps in f32) differently; measured loss 9.5e-8 to 9.2e-6, gradients 7.4e-3 to 8.2e-3 on tiny,
-# odd, deep. With the loss in chunks both run the same custom VJPs: loss 0, gradients <= 3.2e-8, the fp32 bounds hold.
+# odd, deep.
 BF16_REMAT_FULL_LOGITS_LOSS_REL = BF16_LOSS_REL
 BF16_REMAT_FULL_LOGITS_GRAD_REL = BF16_REL
+# The remat train step's gradients otherwise: fp32 measured 3.1e-7 to 5.5e-7 (either loss); bf16 with the loss in
+# chunks, where both run the same custom VJPs, 2.3e-8 to 4.3e-8 (bf16 products are exact in float32: only the order
+# of the sums differs). Its loss there measured 0 (the same forward program); LOSS_REL stays its bound for backends
+# that fuse the two programs apart.
+REMAT_GRAD_REL = 5e-6
+BF16_REMAT_CHUNKS_GRAD_REL = 5e-7
+BF16_ULP = 2.0**-8  # bf16's spacing relative to a value: one output element rounded to its neighbour
+# bf16 against each side's own fp32 run, on the same input and weights: the blocks' output (ln_f's, before the
+# lm_head) must show bf16 rounding. Measured 4.7e-3 to 7.3e-3 in flax and in torch_ref under autocast, where an fp32
+# run differs from itself by 0 and from the other framework's by ~1e-6. At the blocks' output, not the logits: the
+# lm_head's own bf16 rounding hides blocks that compute in fp32 (measured: flax's Linear in fp32 leaves the logits
+# 2.2e-3 from fp32, the blocks' output 0).
+BF16_OWN_FLOOR = 1e-3
+# Each side's gradients against its own fp32 gradients, the least changed parameter: measured 2.1e-3 to 3.7e-3.
+BF16_OWN_GRAD_FLOOR = 5e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +78,11 @@ class Measurement:
     check: str
     value: float
     bound: float
+    floor: float = 0.0  # the value must reach it too: a difference that shows the low precision really ran
 
     @property
     def ok(self) -> bool:
-        return self.value <= self.bound
+        return self.floor <= self.value <= self.bound
 
 
 @cache
@@ -182,7 +204,7 @@ def jit_vs_eager(shape: str) -> Measurement:
     model = GPT.from_pretrained(hf_dir(shape))
     idx = tokens(shape)
     jitted = nnx.jit(lambda m, x: m(x)[0])(model, jnp.asarray(idx))
-    return Measurement(f"jit vs eager logits [{shape}] max abs", max_abs(jitted, flax_logits(model, idx)), LOGITS_MAX_ABS)
+    return Measurement(f"jit vs eager logits [{shape}] max abs", max_abs(jitted, flax_logits(model, idx)), JIT_MAX_ABS)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -242,7 +264,11 @@ def grads_flax_vs_torch_ref(shape: str) -> Measurement:
 
 
 def remat_grads(shape: str) -> Measurement:
-    """Rematerialised blocks (jax.checkpoint) give the same gradients."""
+    """Rematerialised blocks (jax.checkpoint) give the same gradients.
+
+    Measured 0 on tiny, odd, deep (the recomputation repeats the forward pass's operations); GRAD_REL, not 0, for
+    backends where XLA fuses the recomputed ops apart from the forward pass's (not measured).
+    """
     idx = tokens(shape)
     plain = flax_grads(GPT.from_pretrained(hf_dir(shape)), idx)
     remat = flax_grads(GPT.from_pretrained(hf_dir(shape), remat=True), idx)
@@ -266,12 +292,15 @@ def remat_train_grads(shape: str, dtype: str = "float32", loss_chunks: bool = Tr
     ours, plain = (to_hf_state_dict(nnx.merge(graphdef, g)) for g in (grads, plain))
     plain_loss = float(plain_loss)
     where = f"[{shape}, {dtype}, {'loss in chunks' if loss_chunks else 'full logits'}]"
-    fused_apart = dtype != "float32" and not loss_chunks
+    if dtype == "float32":
+        bounds = LOSS_REL, REMAT_GRAD_REL
+    else:
+        bounds = (LOSS_REL, BF16_REMAT_CHUNKS_GRAD_REL) if loss_chunks else (BF16_REMAT_FULL_LOGITS_LOSS_REL,
+                                                                               BF16_REMAT_FULL_LOGITS_GRAD_REL)
     return (Measurement(f"remat train step vs plain loss {where} relative", abs(float(loss) - plain_loss) / plain_loss,
-                        BF16_REMAT_FULL_LOGITS_LOSS_REL if fused_apart else LOSS_REL),
+                        bounds[0]),
             Measurement(f"remat train step vs plain gradients {where} worst relative",
-                        max(rel(ours[k], plain[k]) for k in plain),
-                        BF16_REMAT_FULL_LOGITS_GRAD_REL if fused_apart else GRAD_REL))
+                        max(rel(ours[k], plain[k]) for k in plain), bounds[1]))
 
 
 def training_loss_vs_logits_loss(shape: str, dtype: str = "float32") -> tuple[Measurement, Measurement]:
@@ -295,7 +324,11 @@ def training_loss_vs_logits_loss(shape: str, dtype: str = "float32") -> tuple[Me
 
 def blocked_attention_vs_xla(dtype: str = "float32", T: int = 45) -> tuple[Measurement, Measurement]:
     """ops.causal_attention by query blocks (recomputed in the backward pass) against one
-    jax.nn.dot_product_attention call: outputs, and the gradients of q, k, v."""
+    jax.nn.dot_product_attention call: outputs, and the gradients of q, k, v.
+
+    bf16: the output measured 0 (each block's rows come from the same bf16 dots), bounded by one bf16 step
+    (BF16_ULP) for a backend whose sums in another order round an element to its neighbour; gradients 2.8e-3.
+    """
     q, k, v, g = (jnp.asarray(np.random.default_rng(i).standard_normal((2, T, 3, 16)), dtype) for i in range(4))
 
     def plain(q, k, v):
@@ -306,7 +339,8 @@ def blocked_attention_vs_xla(dtype: str = "float32", T: int = 45) -> tuple[Measu
         grads = vjp(g)
     ref_out, ref_vjp = jax.vjp(plain, q, k, v)
     ref_grads = ref_vjp(g)
-    out_bound, grad_bound = (LOGITS_MAX_ABS, GRAD_REL) if dtype == "float32" else (BF16_REL, BF16_REL)
+    out_bound, grad_bound = ((BLOCKED_ATTENTION_REL, BLOCKED_ATTENTION_GRAD_REL) if dtype == "float32"
+                             else (BF16_ULP, BF16_REL))
     return (Measurement(f"blocked vs one-call XLA attention [{dtype}, T={T}, blocks of 8] output relative",
                         rel(out.astype(jnp.float32), ref_out.astype(jnp.float32)), out_bound),
             Measurement(f"blocked vs one-call XLA attention [{dtype}, T={T}, blocks of 8] q, k, v gradients worst relative",
@@ -321,35 +355,97 @@ def _matmul_label(matmul_output: str) -> str:
     return "" if matmul_output == "float32" else f", matmul_output={matmul_output}"
 
 
-def bf16_vs_autocast(shape: str, matmul_output: str = "float32") -> tuple[Measurement, Measurement]:
-    """flax bf16 compute against torch_ref under torch.autocast(bfloat16): logits and softmax KL.
+def flax_hidden(model: GPT, idx: np.ndarray) -> np.ndarray:
+    """The blocks' output (ln_f's, before the lm_head) of idx (B, T): (B, T, C) float32."""
+    return np.asarray(model.trunk(jnp.asarray(idx))[0])
+
+
+def torch_hidden_and_logits(model: torch_ref.GPT, idx: np.ndarray, autocast: bool) -> tuple[np.ndarray, np.ndarray]:
+    """torch_ref's ln_f output (B, T, C) and logits (B, T, V) of idx, both float32, under autocast(bfloat16) or not."""
+    hidden = []
+    hook = model.transformer.ln_f.register_forward_hook(lambda module, args, out: hidden.append(out.float()))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, _ = model(torch.from_numpy(idx))
+    finally:
+        hook.remove()
+    return hidden[0].numpy(), logits.float().numpy()
+
+
+def bf16_vs_autocast(shape: str, matmul_output: str = "float32") -> list[Measurement]:
+    """flax bf16 compute against torch_ref under torch.autocast(bfloat16): logits and softmax KL; and each side's
+    blocks' output against its own fp32 run, which must show bf16 rounding (floor BF16_OWN_FLOOR). The two
+    frameworks round at different points, so bf16 vs bf16 is no closer than bf16 vs fp32: closeness alone
+    would pass with either side in fp32.
 
     matmul_output="compute" forces the path of backends that ignore preferred_element_type (jax-mps).
     """
     idx = tokens(shape)
-    model = GPT.from_pretrained(hf_dir(shape), dtype="bfloat16", matmul_output=matmul_output)
-    ours = flax_logits(model, idx).astype(np.float64)
+    ours32, ours = (GPT.from_pretrained(hf_dir(shape), dtype=d, matmul_output=matmul_output)
+                    for d in ("float32", "bfloat16"))
+    ours_logits = flax_logits(ours, idx).astype(np.float64)
     ref_model = torch_ref.GPT.from_pretrained(str(hf_dir(shape))).eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ref, _ = ref_model(torch.from_numpy(idx))
-    ref = ref.float().numpy().astype(np.float64)
+    ref_hidden, ref = torch_hidden_and_logits(ref_model, idx, autocast=True)
+    ref32_hidden, _ = torch_hidden_and_logits(ref_model, idx, autocast=False)
+    ref = ref.astype(np.float64)
     logp_ref = torch.log_softmax(torch.from_numpy(ref), -1)
-    logp_ours = torch.log_softmax(torch.from_numpy(ours), -1)
+    logp_ours = torch.log_softmax(torch.from_numpy(ours_logits), -1)
     kl = float(F.kl_div(logp_ours, logp_ref, log_target=True, reduction="none").sum(-1).mean())
     label = f"[{shape}{_matmul_label(matmul_output)}]"
-    return (Measurement(f"bf16 logits flax vs torch autocast {label} relative", rel(ours, ref), BF16_REL),
-            Measurement(f"bf16 flax vs torch autocast {label} mean KL", kl, BF16_KL))
+    return [Measurement(f"bf16 logits flax vs torch autocast {label} relative", rel(ours_logits, ref), BF16_REL),
+            Measurement(f"bf16 flax vs torch autocast {label} mean KL", kl, BF16_KL),
+            Measurement(f"bf16 flax vs its own fp32 run {label} blocks' output relative",
+                        rel(flax_hidden(ours, idx), flax_hidden(ours32, idx)), BF16_REL, BF16_OWN_FLOOR),
+            Measurement(f"torch autocast vs its own fp32 run [{shape}] blocks' output relative",
+                        rel(ref_hidden, ref32_hidden), BF16_REL, BF16_OWN_FLOOR)]
 
 
-def bf16_grads_vs_autocast(shape: str, matmul_output: str = "float32") -> Measurement:
-    """Every gradient with bf16 compute (bf16 backward matmuls too) against torch_ref's under autocast(bfloat16)."""
+def bf16_grads_vs_autocast(shape: str, matmul_output: str = "float32") -> list[Measurement]:
+    """Every gradient with bf16 compute (bf16 backward matmuls too) against torch_ref's under autocast(bfloat16),
+    and each side's against its own fp32 gradients: the least changed parameter must show bf16 rounding."""
     idx = tokens(shape)
-    fg = flax_grads(GPT.from_pretrained(hf_dir(shape), dtype="bfloat16", matmul_output=matmul_output), idx)
+    fg32, fg = (flax_grads(GPT.from_pretrained(hf_dir(shape), dtype=d, matmul_output=matmul_output), idx)
+                for d in ("float32", "bfloat16"))
+    ref_model = torch_ref.GPT.from_pretrained(str(hf_dir(shape)))
+    tg32 = torch_grads(ref_model, idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        tg = torch_grads(torch_ref.GPT.from_pretrained(str(hf_dir(shape))), idx)
-    worst = max(rel(fg[k], tg[k]) for k in tg)
-    return Measurement(f"bf16 gradients flax vs torch autocast [{shape}{_matmul_label(matmul_output)}] worst param "
-                       "relative", worst, BF16_GRAD_REL)
+        tg = torch_grads(ref_model, idx)
+    label = f"[{shape}{_matmul_label(matmul_output)}]"
+    return [Measurement(f"bf16 gradients flax vs torch autocast {label} worst param relative",
+                        max(rel(fg[k], tg[k]) for k in tg), BF16_GRAD_REL),
+            Measurement(f"bf16 gradients flax vs its own fp32 ones {label} least changed param relative",
+                        min(rel(fg[k], fg32[k]) for k in fg32), BF16_GRAD_REL, BF16_OWN_GRAD_FLOOR),
+            Measurement(f"torch autocast gradients vs its own fp32 ones [{shape}] least changed param relative",
+                        min(rel(tg[k], tg32[k]) for k in tg32), BF16_GRAD_REL, BF16_OWN_GRAD_FLOOR)]
+
+
+DOT_TYPES = re.compile(r"stablehlo\.dot_general .*: \(tensor<(?:[0-9]+x)*(\w+)>, tensor<(?:[0-9]+x)*(\w+)>\)")
+
+
+def bf16_dots(shape: str, matmul_output: str = "float32", remat: bool = False) -> Measurement:
+    """The bf16 train step's loss and gradients as lowered for XLA: dots that take two float32 operands (none: every
+    matmul of the model, forward and backward, has a bf16 operand). Mixed dots are fine: XLA's attention backward
+    multiplies its float32 softmax cotangent by bf16 keys and queries. A Linear or lm_head computing in float32, or
+    the whole model in fp32, makes dots of two float32 operands; one that rounds only its output to bf16 passes
+    every comparison of values (its blocks' output measured 4.0e-3 to 4.3e-3 from fp32), but not this."""
+    from flax_gpt import train_step
+
+    idx = tokens(shape)
+    model = GPT.from_pretrained(hf_dir(shape), dtype="bfloat16", matmul_output=matmul_output, remat=remat)
+    graphdef, params = nnx.split(model, nnx.Param)
+    x, y = jnp.asarray(idx[:, :-1]), jnp.asarray(idx[:, 1:])
+    text = jax.jit(train_step.loss_and_grads, static_argnums=1).lower(params, graphdef, x, y).as_text()
+    dots = DOT_TYPES.findall(text)
+    if not dots:
+        raise ValueError(f"no dot_general in the lowered train step of {shape}: nothing would be checked")
+    both_f32 = sum(a == b == "f32" for a, b in dots)
+    where = f"[{shape}{_matmul_label(matmul_output)}{', remat' if remat else ''}]"
+    return Measurement(f"bf16 train step {where} dots of two float32 operands, of {len(dots)}", float(both_f32), 0.0)
+
+
+# bf16 logits with matmuls that return bf16 against those accumulated to float32: measured 7.5e-3 on odd; the
+# outputs rounded to bf16 must show (an fp32 program would differ by ~1e-7)
+BF16_FALLBACK_FLOOR = 1e-3
 
 
 def bf16_matmul_fallback_vs_normal(shape: str) -> Measurement:
@@ -358,7 +454,7 @@ def bf16_matmul_fallback_vs_normal(shape: str) -> Measurement:
     normal, fallback = (flax_logits(GPT.from_pretrained(hf_dir(shape), dtype="bfloat16", matmul_output=m), idx)
                         for m in ("float32", "compute"))
     return Measurement(f"bf16 logits, matmul_output=compute vs float32 [{shape}] relative", rel(fallback, normal),
-                       BF16_REL)
+                       BF16_REL, BF16_FALLBACK_FLOOR)
 
 
 def plain_layer_norm(x, scale, bias):
@@ -410,6 +506,9 @@ def _vjp_case(op: str):
 
 
 BF16_VJP_OPS = ("layer_norm", "gelu", "blocked_attention", "low_precision_matmul", "chunked_lm_head_loss")
+# A hand-written backward in bf16 against float32 autodiff on the same values: measured 1.5e-3 to 3.4e-3 over
+# BF16_VJP_OPS; the same backward in float32 agrees to ~1e-7, so below the floor it did not compute in bf16
+BF16_VJP_FLOOR = 3e-4
 
 
 def bf16_vjp_vs_float32_autodiff(op: str) -> Measurement:
@@ -424,7 +523,7 @@ def bf16_vjp_vs_float32_autodiff(op: str) -> Measurement:
     wrong = [f"{a.dtype} -> {d.dtype}" for a, d in zip(args, grads) if d.dtype != a.dtype]
     assert not wrong, f"{op}: gradient dtypes differ from their inputs': {wrong}"
     return Measurement(f"bf16 {op} hand-written backward vs float32 autodiff, worst input gradient relative",
-                       max(rel(d.astype(jnp.float32), r) for d, r in zip(grads, ref_grads)), BF16_REL)
+                       max(rel(d.astype(jnp.float32), r) for d, r in zip(grads, ref_grads)), BF16_REL, BF16_VJP_FLOOR)
 
 
 # ----------------------------------------------------------------------------- weight transfer
@@ -487,9 +586,10 @@ def _key_bias_split(sd: dict, n_embd: int) -> tuple[dict, dict]:
 
     The true gradient of the key bias is exactly zero (it adds the same score to every key
     of a query, which softmax cancels); what autodiff returns there is rounding noise of
-    ~1e-7 relative, and AdamW normalises noise into lr-sized steps. Measured here: every
-    other tensor agrees to <= 4e-8, this slice anywhere up to 0.6 relative. So it is
-    compared apart, against the only bound that holds: |change| <= lr per step.
+    ~1e-9 (1e-7 of the query bias's), and AdamW divides the noise by its own size plus eps
+    (1e-8) into steps of up to lr. Measured here: every other tensor agrees to <= 4e-8, this
+    slice anywhere up to 0.6 relative. So it is compared apart, by |diff| / (2 lr): see
+    KEY_BIAS_STEP.
     """
     rest, key_bias = {}, {}
     for k, v in sd.items():
@@ -498,6 +598,14 @@ def _key_bias_split(sd: dict, n_embd: int) -> tuple[dict, dict]:
             v = np.concatenate([v[:n_embd], v[2 * n_embd:]])
         rest[k] = v
     return rest, key_bias
+
+
+# The key-bias slice after AdamW steps, max |flax - torch_ref| / (2 lr) (2 lr: the most two steps can differ by).
+# Measured 2.6e-2 (one step) and 9.5e-3 (the nanoGPT file's state, step 4): the noise is below eps, so steps stay a
+# few percent of lr. A key-bias gradient that is not ~0 on one side (attention no longer invariant to a score added
+# to every key) moves that side's slice by ~lr: 1e-6 added to torch_ref's measured 0.49 (one step) and 0.27 (step 4),
+# while every other tensor stayed within 5e-7. The bound before, 1, was the most two AdamW steps can differ by.
+KEY_BIAS_STEP = 0.1
 
 
 def schedule_vs_build_nanogpt() -> Measurement:
@@ -525,7 +633,7 @@ def adamw_step_flax_vs_torch_ref(shape: str = "odd") -> tuple[Measurement, Measu
     worst = max(rel(ours_rest[k], ref_rest[k]) for k in ref_rest)
     kb = max(max_abs(ours_kb[k], ref_kb[k]) for k in ref_kb) / (2 * _torch_lr(0, c))
     return (Measurement(f"one AdamW step flax vs torch_ref [{shape}] params after, worst relative", worst, ADAMW_STEP_REL),
-            Measurement(f"one AdamW step [{shape}] key-bias slice |diff| / (2 lr)", kb, 1.0))
+            Measurement(f"one AdamW step [{shape}] key-bias slice |diff| / (2 lr)", kb, KEY_BIAS_STEP))
 
 
 def trajectory_flax_vs_torch_ref(shape: str = "tiny", steps: int = 20) -> Measurement:
@@ -637,7 +745,8 @@ def adamw_state_to_nanogpt(shape: str = "odd", steps: int = 3) -> tuple[Measurem
     return (Measurement(f"AdamW state flax -> nanoGPT .pt -> torch_ref, step {steps + 1} both sides [{shape}] params "
                         "after, worst relative", max(rel(ours_rest[k], ref_rest[k]) for k in ref_rest), ADAMW_STEP_REL),
             Measurement(f"AdamW state -> nanoGPT .pt, step {steps + 1} [{shape}] key-bias slice |diff| / (2 lr)",
-                        max(max_abs(ours_kb[k], ref_kb[k]) for k in ref_kb) / (2 * _torch_lr(steps, c)), 1.0))
+                        max(max_abs(ours_kb[k], ref_kb[k]) for k in ref_kb) / (2 * _torch_lr(steps, c)),
+                        KEY_BIAS_STEP))
 
 
 def all_conversion_checks() -> list[Measurement]:
@@ -693,7 +802,7 @@ def all_forward_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
     out = []
     for shape in shapes:
         out += [logits_flax_vs_hf(shape), logits_torch_ref_vs_hf(shape), loss_flax_vs_hf(shape),
-                grads_flax_vs_torch_ref(shape), *bf16_vs_autocast(shape), bf16_grads_vs_autocast(shape), causality(shape),
+                grads_flax_vs_torch_ref(shape), *bf16_vs_autocast(shape), *bf16_grads_vs_autocast(shape), bf16_dots(shape), causality(shape),
                 causality_by_gradient(shape), round_trip_flax_torch_flax(shape),
                 state_dict_round_trip(shape), jit_vs_eager(shape), remat_grads(shape),
                 *remat_train_grads(shape), *remat_train_grads(shape, "bfloat16"),
@@ -703,6 +812,6 @@ def all_forward_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
     out += [*blocked_attention_vs_xla(), *blocked_attention_vs_xla("bfloat16")]
     out += [*remat_train_grads("odd", loss_chunks=False), *remat_train_grads("odd", "bfloat16", loss_chunks=False)]
     out += [logits_flax_vs_hf("odd", layout) for layout in GOOD_LAYOUTS if layout != "safetensors"]
-    out += [*bf16_vs_autocast("odd", "compute"), bf16_grads_vs_autocast("tiny", "compute"),
-            bf16_matmul_fallback_vs_normal("odd")]
+    out += [*bf16_vs_autocast("odd", "compute"), *bf16_grads_vs_autocast("tiny", "compute"),
+            bf16_matmul_fallback_vs_normal("odd"), bf16_dots("odd", "compute"), bf16_dots("odd", remat=True)]
     return out

@@ -28,7 +28,8 @@ def main() -> int:
     print("| check | measured | bound | ok |")
     print("| --- | ---: | ---: | --- |")
     for m in measurements:
-        print(f"| {m.check} | {m.value:.2e} | {m.bound:.0e} | {'yes' if m.ok else 'NO'} |")
+        bound = f"{m.floor:.0e} to {m.bound:.0e}" if m.floor else f"{m.bound:.0e}"
+        print(f"| {m.check} | {m.value:.2e} | {bound} | {'yes' if m.ok else 'NO'} |")
     failed = [m for m in measurements if not m.ok]
     print(f"\n{len(measurements) - len(failed)}/{len(measurements)} within bounds ({time.time() - t0:.0f} s)")
     return 1 if failed else 0

@@ -31,10 +31,28 @@ def test_missing_directory_is_a_clear_error(tmp_path):
         GPT.from_pretrained(str(tmp_path / "nope"))
 
 
-def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="not in the HF cache|not a model on the HF hub"):
+def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    """Offline: the answer says the id is not in the HF cache (online, the hub would say it is no model), and
+    nothing tries to reach the network."""
+    import socket
+
+    from huggingface_hub import constants
+
+    attempts = []
+
+    def no_network(*args):
+        attempts.append(args)
+        raise OSError("this test has no network")
+
+    # huggingface_hub read HF_HUB_OFFLINE when it was first imported: its constant is what it consults now
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(CheckpointError, match=r"cannot fetch 'no-such-org/no-such-gpt2-model' from the HF hub "
+                                              r"and it is not in the HF cache \(offline\?\)"):
         GPT.from_pretrained("no-such-org/no-such-gpt2-model")
+    assert not attempts, attempts
 
 
 # ----------------------------------------------------------------------------- safe loading

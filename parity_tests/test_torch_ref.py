@@ -257,8 +257,12 @@ def test_train_step_accumulation_equals_big_batch():
 
     Per parameter norm(diff)/norm(ref) <= 1e-6 (measured <= 4e-8), except the key bias:
     its true gradient is exactly zero, so AdamW turns rounding noise of either order of
-    summation into lr-sized steps (the key bias alone differed 2e-6 .. 0.6 relative, depending
-    on the weights). It is checked against the size of those steps instead.
+    summation into steps of up to lr (the key bias alone differed 2e-6 .. 0.6 relative, depending
+    on the weights). It is checked against the size of those steps instead: max |diff| measured
+    4e-4, 8.0e-3, 8.6e-3 of 2 x (the lrs so far) after steps 1-3. The noise (~1e-9) is below
+    AdamW's eps (1e-8), so its steps stay ~1% of lr; a key-bias gradient above eps on one side
+    moves it ~lr (1e-6 added to one side's: measured 0.50-0.51 of the bound's 2 x lrs; noise
+    grown 10x: 0.12 after step 1), past the bound of 0.1 of it.
     """
     B, T = 4, 32
     big = _model_from_hf("odd")
@@ -280,10 +284,10 @@ def test_train_step_accumulation_equals_big_batch():
             p, q = p.detach(), q.detach()
             rel = ((_without_key_bias(name, q) - _without_key_bias(name, p)).norm() / _without_key_bias(name, p).norm()).item()
             assert rel <= PARAM_RTOL, f"step {step} {name}: {rel:.3g}"
-            if name.endswith("attn.c_attn.bias"):  # noise-driven AdamW steps move each element <= ~lr
+            if name.endswith("attn.c_attn.bias"):  # noise-driven AdamW steps: ~1% of lr here
                 C = p.shape[0] // 3
                 key_diff = (q[C : 2 * C] - p[C : 2 * C]).abs().max().item()
-                assert key_diff <= 2 * lr_sum, f"step {step} {name} key bias: {key_diff:.3g} > 2 * {lr_sum:.3g}"
+                assert key_diff <= 0.1 * 2 * lr_sum, f"step {step} {name} key bias: {key_diff:.3g} vs 2 x {lr_sum:.3g}"
         assert all(p.grad is None for p in small.parameters())  # zero_grad(set_to_none) after the step
 
 
@@ -296,7 +300,7 @@ def test_key_bias_gradient_is_zero():
         grad = block.attn.c_attn.bias.grad
         C = grad.shape[0] // 3
         q_grad, k_grad = grad[:C].norm().item(), grad[C : 2 * C].norm().item()
-        assert k_grad <= 1e-5 * q_grad, (k_grad, q_grad)
+        assert k_grad <= 5e-6 * q_grad, (k_grad, q_grad)  # measured 1.4e-7, 2.5e-7, 5.4e-7 of q_grad
 
 
 def test_train_step_returns_loss_and_norm_before_the_update():
@@ -316,10 +320,21 @@ def test_train_step_returns_loss_and_norm_before_the_update():
     assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"] == 1e-3
 
 
-def test_train_step_bf16_autocast_close_to_fp32():
-    model = _tiny_model(2)
+def test_train_step_bf16_autocast_runs_in_bf16_close_to_fp32():
+    """train_step(autocast_dtype=bfloat16) runs every nn.Linear in bf16, and its loss and gradient norm differ from
+    the fp32 step's on the same weights and batch by bf16 rounding: close, but far from fp32's own agreement."""
+    model = _model_from_hf("odd")  # perturbed weights: O(1) logits, so bf16 rounding shows in the loss
     bf16 = copy.deepcopy(model)
     batch = [(_tokens(97, 4, 32, seed=50), _tokens(97, 4, 32, seed=51))]
-    loss32, _ = train_step(model, model.configure_optimizers(0.1, 1e-3, "cpu"), batch, 1e-3)
-    loss16, _ = train_step(bf16, bf16.configure_optimizers(0.1, 1e-3, "cpu"), batch, 1e-3, autocast_dtype=torch.bfloat16)
-    assert math.isfinite(loss16) and _rel(loss16, loss32) <= 2e-2
+    dtypes = []
+    for module in bf16.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    loss32, norm32 = train_step(model, model.configure_optimizers(0.1, 1e-3, "cpu"), batch, 1e-3)
+    loss16, norm16 = train_step(bf16, bf16.configure_optimizers(0.1, 1e-3, "cpu"), batch, 1e-3,
+                                autocast_dtype=torch.bfloat16)
+    assert len(dtypes) == 4 * bf16.config.n_layer + 1 and set(dtypes) == {torch.bfloat16}, dtypes  # and lm_head
+    # measured: loss 1.6e-4 and gradient norm 4.3e-4 relative; the fp32 step repeated agrees to 0, and torch_ref's
+    # fp32 agrees with flax's to <= 1e-6 (parity_tests/checks.py): the floors are 8x below bf16, far above fp32
+    assert 2e-5 <= _rel(loss16, loss32) <= 2e-3, (loss16, loss32)
+    assert 5e-5 <= _rel(norm16, norm32) <= 4e-3, (norm16, norm32)

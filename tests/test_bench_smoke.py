@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_REL = 1e-6  # the parity table's loss bound (parity_tests/checks.py LOSS_REL): same weights, same batch
-TRAJECTORY_REL = 1e-4  # the parity table's training-trajectory bound (parity_tests/checks.py TRAJECTORY_REL)
+TRAJECTORY_REL = 2e-6  # the parity table's training-trajectory bound (parity_tests/checks.py); measured here 8.8e-8
 
 
 def load_bench_train():
@@ -45,7 +45,9 @@ def test_bench_train_smoke(tmp_path):
     assert 0 < variants["flax-fp32"]["host_overhead"] < 1
     flax, torch = variants["flax-fp32"]["losses"], variants["torch-eager-fp32"]["losses"]
     assert abs(flax[0] - torch[0]) <= LOSS_REL * abs(torch[0])  # same init, same batch
-    assert max(abs(a - b) / abs(b) for a, b in zip(flax, torch)) <= TRAJECTORY_REL  # same schedule and updates
+    worst = max(abs(a - b) / abs(b) for a, b in zip(flax, torch))
+    print(f"flax vs torch per-step loss, worst relative {worst:.2e}")
+    assert worst <= TRAJECTORY_REL  # same schedule and updates
     assert "| flax-fp32 |" in proc.stdout
 
 

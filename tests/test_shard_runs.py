@@ -18,12 +18,13 @@ SHARD_TOKENS, VAL_TOKENS = 100, 200  # ~60 train files of 100 tokens: about one 
 ON_SHARDS = with_args(LONG, ["--data", "shards"])
 TWO_PROCESSES = r"""
 import os, socket, subprocess, sys
-with socket.socket() as s:
+with socket.socket() as s:  # held while the processes run: train_runs.held_port
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
-procs = [subprocess.Popen([sys.executable, *sys.argv[1:]], env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-codes = [p.wait() for p in procs]
+    env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+    procs = [subprocess.Popen([sys.executable, *sys.argv[1:]], env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    codes = [p.wait() for p in procs]
 sys.exit(next((c for c in codes if c), 0))
 """
 SHORT_RUN = [*with_args(COMMON, ["--sample-tokens", "0"]), "--max-steps", "2", "--eval-interval", "2",

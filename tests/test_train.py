@@ -170,6 +170,17 @@ def test_bad_input_is_one_error_line_and_exit_2(case, cli, tmp_path, capsys):
     assert not ckpt_steps(tmp_path / "out")
 
 
+def test_read_records_leaves_out_only_a_cut_last_line(tmp_path):
+    """The runs' metrics reader: a last line without its newline is a run cut mid-write; a bad line elsewhere fails."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"st')
+    assert read_records(tmp_path) == [{"step": 0}, {"step": 1}]
+    for text in ('{"step": 0}\n{"st\n{"step": 2}\n', '{"step": 0}\n{"st\n'):
+        path.write_text(text)
+        with pytest.raises(ValueError):
+            read_records(tmp_path)
+
+
 def test_accumulation_keeps_the_presets_tokens_per_step_whatever_the_batch_size():
     from flax_gpt.errors import UserError
     from flax_gpt.train import TrainConfig, grad_accum_steps, resolve

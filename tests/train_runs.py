@@ -9,10 +9,12 @@ persistent compilation cache (same flags -> same executables, so only the first 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -68,17 +70,19 @@ def corpus_text(n_lines: int = 120, seed: int = 0) -> str:
 
 
 def read_records(out: Path) -> list[dict]:
-    """metrics.jsonl of a run (complete lines only: a killed run may leave half a line)."""
-    records = []
+    """metrics.jsonl of a run. Only a last line without its newline may be cut (a run killed, or still writing,
+    mid-line): that one is left out; any other line that is not JSON is an error."""
     path = out / "metrics.jsonl"
     if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    torn = lines[-1:] if lines and not text.endswith("\n") else []
+    records = [json.loads(line) for line in lines[:len(lines) - len(torn)]]
+    try:
+        return records + [json.loads(line) for line in torn]
+    except ValueError:
         return records
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return records
 
 
 def train_losses(records: list[dict]) -> dict[int, float]:
@@ -91,6 +95,21 @@ def val_losses(records: list[dict]) -> dict[int, float]:
     steps = [r["step"] for r in records if "val_loss" in r]
     assert len(steps) == len(set(steps)), f"a val step is recorded twice: {steps}"
     return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
+@contextlib.contextmanager
+def held_port():
+    """A free localhost port for JAX's coordinator, kept bound while the block runs.
+
+    Bound with SO_REUSEPORT: gRPC, which JAX's coordination service runs on, binds its port with SO_REUSEPORT too,
+    so the coordinator binds it beside this socket, and no other process can take the port in between (a plain
+    bind of it is refused; a port released before the coordinator binds it can be taken, and the coordinator then
+    dies with "Failed to add port to server"). This socket never listens: connections go to the coordinator.
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def ckpt_steps(out: Path) -> list[int]:
