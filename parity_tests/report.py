@@ -136,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from parity_tests import checks
 
-    measurements = (checks.all_forward_checks() + checks.all_optimizer_checks() + checks.all_generation_checks()
-                    + checks.all_conversion_checks())
+    measurements = []
+    for name, group in (("forward", checks.all_forward_checks), ("optimizer", checks.all_optimizer_checks),
+                        ("generation", checks.all_generation_checks), ("conversion", checks.all_conversion_checks)):
+        t = time.time()
+        measurements += group()
+        print(f"{name} checks done: {len(measurements)} measured, {time.time() - t:.0f} s", file=sys.stderr, flush=True)
     rows = "\n".join(f"| {m.check} | {m.value:.2e} | {fmt_bound(m.bound)} | {fmt_bound(m.floor) if m.floor else '-'} "
                      f"| {'yes' if m.ok else 'NO'} |" for m in measurements)
     failed = [m for m in measurements if not m.ok]
