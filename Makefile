@@ -79,8 +79,9 @@ metal-refresh: $(VENV)/.full
 parity: $(VENV)/.full
 	$(PY) -m pytest -q -p no:cacheprovider parity_tests
 
+# Every parity check measured and written to docs/parity.md (date, commit, CPU, versions; value, bound and floor).
 report: $(VENV)/.full
-	$(PY) -m parity_tests.report
+	$(PY) -m parity_tests.report --out docs/parity.md
 
 bench: $(VENV)/.full
 	$(PY) benchmarks/bench_train.py $(ARGS)
