@@ -61,21 +61,6 @@ def test_the_metal_extra_pairs_jax_mps_with_the_jax_this_package_takes():
     assert "0.10.2" in jax.specifier  # a jax 0.10, which jax-mps 0.10.* is built for
 
 
-def test_the_resolution_check_refuses_a_missing_plugin_or_a_jax_it_does_not_take():
-    """`make metal-resolve`'s check, offline on made-up resolutions (the real one needs PyPI)."""
-    from check_metal_resolution import check
-
-    jax_range = Requirement("jax>=0.6,<0.11")
-    good = "flax==0.12.8\njax==0.10.2\njax-mps==0.10.11\njaxlib==0.10.2\n"
-    assert check(good, jax_range) == "jax-mps==0.10.11 jax==0.10.2 jaxlib==0.10.2"
-    for bad, why in ((good.replace("jax-mps==0.10.11\n", "jax-metal==0.1.1\n"), "jax-mps is missing"),
-                     (good.replace("jax==0.10.2", "jax==0.9.2"), "jax 0.9.2 does not go with jax-mps 0.10.11"),
-                     (good.replace("jax==0.10.2", "jax==0.11.0").replace("jax-mps==0.10.11", "jax-mps==0.11.1"),
-                      "jax 0.11.0 does not go")):
-        with pytest.raises(SystemExit, match=why):
-            check(bad, jax_range)
-
-
 def test_capabilities_of_each_platform():
     assert devices.capabilities("mps") == devices.Capabilities(donation=False, matmul_output="compute",
                                                                cudnn_attention=False)
