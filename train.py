@@ -10,18 +10,20 @@
 
 import sys
 
+import tyro
+
+from flax_gpt.errors import run_cli
+from flax_gpt.host_memory import jax_runs_on_cpu, keep_freed_memory
+from flax_gpt.run_config import TrainConfig, given_fields  # no JAX: --help and bad flags answer at once
+
 
 def main(argv=None) -> int:
-    import tyro
-
-    from flax_gpt.errors import run_cli
-    from flax_gpt.host_memory import jax_runs_on_cpu, keep_freed_memory
-    from flax_gpt.train import TrainConfig, given_fields, run
-
     argv = sys.argv[1:] if argv is None else argv
     cfg = tyro.cli(TrainConfig, args=argv, description=__doc__)
     if jax_runs_on_cpu(cfg.device):
         keep_freed_memory()  # before JAX starts its threads: CPU steps reuse freed memory instead of faulting it in
+    from flax_gpt.train import run  # imports JAX
+
     summary, code = run_cli(lambda: run(cfg, given_fields(argv)), cfg.debug)
     if code:
         return code

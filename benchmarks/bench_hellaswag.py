@@ -2,7 +2,7 @@
 
     python benchmarks/bench_hellaswag.py --preset gpt2 --examples 100 --dtype fp32 bf16
 
-flax_gpt: the code train.py runs at each --hellaswag-interval (train.hellaswag_eval's fixed-shape batches of
+flax_gpt: the code train.py runs at each --hellaswag-interval (train_hellaswag.hellaswag_eval's fixed-shape batches of
 --batch-size rows, the preset's, scored by evaluate.score_batches), on gpt2-shaped random weights. torch_ref:
 build-nanogpt's hellaswag loop on the same weights, one example (4 rows, unpadded) per forward, fp32 or under
 bf16 autocast as build-nanogpt's train_gpt2.py runs it. The first call of each (compilation) is timed apart; then
@@ -61,14 +61,15 @@ def flax_eval(preset: str, dtype: str, path: Path):
     from flax_gpt.config import preset as model_preset
     from flax_gpt.evaluate import score_batches
     from flax_gpt.model import GPT
-    from flax_gpt.train import RUN_PRESETS, TrainConfig, hellaswag_eval, _hellaswag_examples
+    from flax_gpt.run_config import RUN_PRESETS
+    from flax_gpt.train_hellaswag import hellaswag_eval, read_examples
 
     caps = devices.capabilities("cpu")
     config = model_preset(RUN_PRESETS[preset].model, dtype=dtype, matmul_output=caps.matmul_output)
     model = GPT(config, seed=0)
     graphdef, params = nnx.split(model, nnx.Param)
-    cfg = TrainConfig(preset=preset, hellaswag=str(path), batch_size=RUN_PRESETS[preset].batch_size)
-    h = hellaswag_eval(cfg, _hellaswag_examples(cfg), config, graphdef, None, None, 0, 1)
+    batch_size = RUN_PRESETS[preset].batch_size
+    h = hellaswag_eval(str(path), batch_size, read_examples(str(path), None), config, graphdef, None, None, 0, 1)
     return (lambda: score_batches(h.step, params, h.batches, h.labels)), model, h.batches[0][0].shape, len(h.batches)
 
 

@@ -40,7 +40,7 @@ import hlo_cost  # noqa: E402
 from flax_gpt import GPT, evaluate, generate, ops, preset  # noqa: E402
 from flax_gpt.metrics import flops_per_token, params_without_wpe  # noqa: E402
 from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer  # noqa: E402
-from flax_gpt.train import RUN_PRESETS  # noqa: E402
+from flax_gpt.run_config import RUN_PRESETS  # noqa: E402
 from flax_gpt.train_step import init_state, make_eval_step, make_train_step  # noqa: E402
 
 HEADROOM = 0.10  # a train step "fits" when it needs at most 90% of the device's memory

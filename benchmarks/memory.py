@@ -26,7 +26,7 @@ from flax import nnx
 from flax_gpt import GPT, ops, preset
 from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
 from flax_gpt.sharding import param_spec
-from flax_gpt.train import RUN_PRESETS
+from flax_gpt.run_config import RUN_PRESETS
 from flax_gpt.train_step import init_state, make_train_step
 
 GiB = 2**30

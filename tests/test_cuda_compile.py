@@ -19,7 +19,7 @@ import hlo_cost  # noqa: E402
 
 from flax_gpt import GPT, preset  # noqa: E402
 from flax_gpt.metrics import flops_per_token  # noqa: E402
-from flax_gpt.train import RUN_PRESETS  # noqa: E402
+from flax_gpt.run_config import RUN_PRESETS  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from packaging.requirements import Requirement
 
 from flax_gpt import devices
 from flax_gpt.errors import UserError
-from flax_gpt.train import TrainConfig, run
+from flax_gpt.run_config import TrainConfig
+from flax_gpt.train import run
 from train_runs import corpus_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_a_run_on_jax_mps_takes_its_fallbacks(tmp_path, monkeypatch, capsys):
     """train.run with JAX's platform reported as mps (the CPU computes): the train step does not donate, the
     samples' decode steps do not donate the cache, matmuls return bf16; it trains. (The fallbacks' numbers against
     the normal path: parity_tests' matmul fallback check and test_train_step's step without donation.)"""
-    from flax_gpt import generate, train, train_step
+    from flax_gpt import generate, run_setup, train_step
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FLAX_GPT_CACHE", str(tmp_path / "cache"))
@@ -112,8 +113,8 @@ def test_a_run_on_jax_mps_takes_its_fallbacks(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_step, "make_train_step",
                         lambda *a, **k: donated.append(k.get("donate", True)) or make_train_step(*a, **k))
     configs = []
-    init_train_state = train.init_train_state
-    monkeypatch.setattr(train, "init_train_state",
+    init_train_state = run_setup.init_train_state
+    monkeypatch.setattr(run_setup, "init_train_state",
                         lambda *a, **k: (lambda r: configs.append(r[0]) or r)(init_train_state(*a, **k)))
     monkeypatch.setattr(devices, "current_platform", lambda: "mps")
     copying_steps = generate._step_jit_copying._cache_size()

@@ -133,7 +133,8 @@ def train_run(tmp_path_factory):
     """A training out dir as train.py writes it: checkpoints/<step>/{state,meta} with the run's meta."""
     from flax_gpt.checkpoint import Checkpointer
     from flax_gpt.optim import OptimConfig, make_optimizer
-    from flax_gpt.train import TrainConfig, _config_record
+    from flax_gpt.resume import config_record as _config_record
+    from flax_gpt.run_config import TrainConfig
     from flax_gpt.train_step import init_state
 
     run_dir = tmp_path_factory.mktemp("run")

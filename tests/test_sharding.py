@@ -27,7 +27,8 @@ from flax import nnx
 from flax_gpt import GPT, preset
 from flax_gpt import sharding as shard
 from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
-from flax_gpt.train import TrainConfig, init_train_state
+from flax_gpt.run_config import TrainConfig
+from flax_gpt.run_setup import init_train_state
 from flax_gpt.train_step import init_state, make_train_step, sharded_init
 cfg, opt = preset("tiny", n_embd=64, vocab_size=1000), OptimConfig(lr=3e-3, warmup_steps=2, max_steps=8)
 tx, mesh = make_optimizer(opt), shard.make_mesh()

@@ -183,7 +183,7 @@ def test_read_records_leaves_out_only_a_cut_last_line(tmp_path):
 
 def test_accumulation_keeps_the_presets_tokens_per_step_whatever_the_batch_size():
     from flax_gpt.errors import UserError
-    from flax_gpt.train import TrainConfig, grad_accum_steps, resolve
+    from flax_gpt.run_config import TrainConfig, grad_accum_steps, resolve
 
     def accum(processes=1, **flags):
         return grad_accum_steps(resolve(TrainConfig(preset="gpt2", **flags)), processes)
