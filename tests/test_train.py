@@ -244,6 +244,8 @@ def test_run_writes_metrics_plot_and_checkpoints(runs, work):
     assert "checkpoint a6/checkpoints/6" in r.stdout and "plot a6/loss.png" in r.stdout, r.stdout
     assert f"val loss {vals[0]:.4f} (step 0) -> {vals[6]:.4f} (step 6)" in r.stdout, r.stdout
     assert "Traceback" not in r.stderr
+    assert "\r" not in r.stderr and "step/s" not in r.stderr, r.stderr[-500:]  # stderr is a file: no tqdm bar
+    assert sum(" | loss " in line for line in r.stdout.splitlines()) == 6, r.stdout  # but a line per step
     # the lr of every step is build-nanogpt's get_lr for the tiny preset (lr 3e-3, 4 warmup steps, 6 steps)
     optim = OptimConfig(lr=3e-3, warmup_steps=4, max_steps=6)
     lrs = {rec["step"]: rec["lr"] for rec in records if "lr" in rec}
