@@ -6,6 +6,10 @@ The layers are stacked along a leading axis and run through a `lax.scan`: unroll
 default, rolled with `scan_layers=True` (compile time flat in depth) and always when decoding.
 Parameters are stored in `param_dtype`; matmuls run in `dtype`; LayerNorm, softmax, the residual
 stream, logits and the loss stay in float32.
+
+The rest of the model path: flax_gpt.ops (the ops with hand-written backward passes, each beside its autodiff
+version; `ops.use_autodiff()` runs those instead) and flax_gpt.remat (--remat's train step: GPT.trunk's walk
+with its own backward pass, checked against GPT.trunk by tests/test_train_step.py).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class LayerNorm(nnx.Module):
 
 
 class CausalSelfAttention(nnx.Module):
+    """Multi-head causal self-attention: c_attn to q, k, v for all heads, attention, c_proj."""
+
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
         C = config.n_embd
         proj_std = INIT_STD / math.sqrt(2 * config.n_layer)  # residual projections scaled down
@@ -72,7 +78,7 @@ class CausalSelfAttention(nnx.Module):
         k = k.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
         v = v.reshape(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
         if kv_cache is not None:  # write this step's keys and values at pos..pos+T-1
-            k_cache, v_cache = kv_cache
+            k_cache, v_cache = kv_cache  # (B, S, nh, hs) each
             kv_cache = (jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1),
                         jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1))
         if kv_cache is None or (isinstance(pos, int) and pos == 0):  # the sequence from its start (training, prefill)
@@ -93,6 +99,8 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """c_fc to 4C, GPT-2's tanh GELU, c_proj back to C."""
+
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
         C = config.n_embd
         proj_std = INIT_STD / math.sqrt(2 * config.n_layer)
@@ -106,6 +114,8 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
         self.ln_1 = LayerNorm(config)
         self.attn = CausalSelfAttention(config, rngs)
@@ -113,7 +123,7 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs)
 
     def __call__(self, x, kv_cache=None, pos=0):
-        y, kv_cache = self.attn(self.ln_1(x), kv_cache, pos)
+        y, kv_cache = self.attn(self.ln_1(x), kv_cache, pos)  # (B, T, C)
         x = x + y  # (B, T, C) float32 residual stream
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x, kv_cache
@@ -142,7 +152,7 @@ class GPT(nnx.Module):
     def __call__(self, idx, targets=None):
         x, _ = self.trunk(idx)  # (B, T, C)
         logits = self.padded_logits(x)  # (B, T, Vp) float32, -inf in the padding columns
-        loss = None if targets is None else cross_entropy(logits, targets)
+        loss = None if targets is None else cross_entropy(logits, targets)  # () float32
         return logits[..., : self.config.vocab_size], loss  # (B, T, V)
 
     def loss(self, idx, targets):
@@ -153,8 +163,8 @@ class GPT(nnx.Module):
 
     def decode(self, idx, kv_cache, pos):
         """Logits (B, T, V) of idx (B, T) at positions pos..pos+T-1, reading and extending kv_cache."""
-        x, kv_cache = self.trunk(idx, kv_cache, pos)
-        return self.lm_head(x), kv_cache
+        x, kv_cache = self.trunk(idx, kv_cache, pos)  # (B, T, C)
+        return self.lm_head(x), kv_cache  # (B, T, V)
 
     def init_kv_cache(self, batch: int, length: int):
         """Empty keys and values for `length` positions: two (n_layer, B, S, nh, hs) arrays."""
@@ -181,14 +191,14 @@ class GPT(nnx.Module):
             params, cache = layer  # one layer's parameters and (k, v) cache, or None
             return nnx.merge(block_def, params)(x, cache, pos)  # (B, T, C), updated cache
 
-        if self.config.remat:  # for autodiff of GPT.loss; train steps run flax_gpt.remat's own backward pass
+        if self.config.remat:  # for autodiff of GPT.loss; train steps run flax_gpt.remat's walk and backward pass
             run_block = jax.checkpoint(run_block)  # recompute activations in the backward pass
         # Training unrolls (the rolled loop's stacking copies cost ~1/3 of a bf16 step on CPU). Decoding keeps the
         # rolled loop, which updates the stacked KV cache in place; so does remat: in unrolled code XLA computes the
         # recomputation next to the forward pass and keeps its results, saving nothing.
         rolled = self.config.scan_layers or self.config.remat or kv_cache is not None
         unroll = 1 if rolled else True
-        x, kv_cache = jax.lax.scan(run_block, x, (block_params, kv_cache), unroll=unroll)
+        x, kv_cache = jax.lax.scan(run_block, x, (block_params, kv_cache), unroll=unroll)  # (B, T, C), the cache
         return self.ln_f(x), kv_cache  # (B, T, C) float32
 
     def lm_head(self, x):
@@ -196,24 +206,21 @@ class GPT(nnx.Module):
         return self.padded_logits(x)[..., : self.config.vocab_size]
 
     def padded_logits(self, x):
-        """Logits over all Vp rows of wte, -inf in the padding columns: (B, T, C) -> (B, T, Vp) float32.
-
-        The matmul runs over the padded vocabulary because a multiple of 64 is what the kernels are fast at
-        (BENCHMARKS.md, change 6); -inf makes the padding drop out of every softmax exactly.
-        """
+        """Logits over all Vp rows of wte, -inf in the padding columns: (B, T, C) -> (B, T, Vp) float32. A multiple
+        of 64 rows is what the kernels are fast at (BENCHMARKS.md, change 6); -inf drops out of every softmax."""
         c = self.config
         return tied_logits(x, self.wte.embedding[...], c.vocab_size, c.dtype, c.matmul_output)  # (B, T, Vp)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **overrides) -> "GPT":
         """GPT-2 weights from an HF hub id (gpt2 ... gpt2-xl) or a local HF directory."""
-        from flax_gpt import hf  # file reading lives outside the model module
+        from flax_gpt import hf  # here, not at the top: hf imports GPT from this module (a cycle)
 
         return hf.load_pretrained(name_or_path, **overrides)
 
     def save_pretrained(self, out_dir: str) -> None:
         """Write an HF GPT-2 directory (config.json, model.safetensors) that transformers loads."""
-        from flax_gpt import export  # file writing lives outside the model module
+        from flax_gpt import export  # here, not at the top: export imports GPT from this module (a cycle)
 
         export.save_pretrained(self, out_dir)
 

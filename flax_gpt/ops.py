@@ -1,16 +1,19 @@
-"""Memory-lean pieces of the model with hand-written backward passes: what they keep for the backward
-pass is chosen here, not by autodiff.
+"""The model's ops with hand-written backward passes (jax.custom_vjp), each beside the plain version it equals
+and is tested against (autodiff_*: the formula, differentiated by JAX). What the backward pass keeps is chosen here:
 
-    layer_norm         keeps its float32 input and two statistics per row (autodiff: three float32 copies)
+    layer_norm         keeps its input and two statistics per row (autodiff: three float32 copies)
     gelu               GPT-2's tanh GELU keeping its input and tanh (autodiff: six (B, T, 4C) tensors)
     causal_attention   XLA attention over blocks of queries, each block recomputed in the backward pass
     matmul             a bf16 x bf16 -> f32 dot whose backward runs in bf16 too (low_precision_matmul)
     lm_head_loss       tied lm_head + cross entropy over chunks of tokens, logits never all in memory
                        (lm_head_loss_and_dx and add_lm_head_dw: its two gradients apart, for flax_gpt.remat)
 
-Blocks and chunks run in rolled loops (lax.map / lax.scan): one after the other on every backend,
-so only one block's temporaries exist at a time. (Optimization barriers do not order straight-line
-code on XLA:CPU, which expands them early.)
+`with ops.use_autodiff():` every op runs its autodiff_* version instead: the one switch, read when a function is
+traced and part of jax.jit's cache key. Every backward pass starts with `after`: XLA:CPU schedules work that needs
+only saved inputs (recomputation, converts, transposed copies, zeroed accumulators) as early as they exist, in the
+forward pass, and keeps the results until the backward pass (optimization barriers do not stop it: XLA:CPU removes
+them before it schedules). Blocks and chunks run in rolled loops (lax.map / lax.scan), so only one block's
+temporaries exist at a time.
 """
 
 from __future__ import annotations
@@ -25,29 +28,35 @@ ATTENTION_BLOCK = 256  # queries per block of causal_attention
 LOSS_CHUNK = 1024  # tokens per chunk of lm_head_loss: (LOSS_CHUNK, Vp) float32 logits at a time
 FULL_LOGITS_TOKENS = 2048  # up to this many tokens lm_head_loss takes the full logits and plain autodiff
 
+_AUTODIFF = jax.make_user_context(False)  # True within use_autodiff(); a value jax.jit's cache keys on
+
+
+def use_autodiff(enabled: bool = True):
+    """Context manager: within it, the ops below run their autodiff_* versions instead of their custom VJPs."""
+    return _AUTODIFF(enabled)
+
+
+def _custom() -> bool:
+    """Whether the hand-written backward passes run: everywhere outside use_autodiff()."""
+    return not _AUTODIFF.value
+
 
 def _to_blocks(x, size: int):
     """(B, T, ...) -> (n, B, size, ...), T padded with zeros up to n * size."""
     B, T = x.shape[:2]
     n = -(-T // size)
-    x = jnp.pad(x, [(0, 0), (0, n * size - T)] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(B, n, size, *x.shape[2:]).swapaxes(0, 1)
+    x = jnp.pad(x, [(0, 0), (0, n * size - T)] + [(0, 0)] * (x.ndim - 2))  # (B, n * size, ...)
+    return x.reshape(B, n, size, *x.shape[2:]).swapaxes(0, 1)  # (n, B, size, ...)
 
 
 def _from_blocks(x, T: int):
     """(n, B, size, ...) -> (B, T, ...): the inverse of _to_blocks."""
     n, B, size = x.shape[:3]
-    return x.swapaxes(0, 1).reshape(B, n * size, *x.shape[3:])[:, :T]
+    return x.swapaxes(0, 1).reshape(B, n * size, *x.shape[3:])[:, :T]  # (B, T, ...)
 
 
 def after(g, *xs):
-    """xs, made to depend on g (0 * one element of g is added): nothing computed from them can run before g exists.
-
-    Every hand-written backward pass starts with it. XLA:CPU schedules work that needs only saved inputs
-    (recomputation, dtype converts, transposed copies, zero-filled accumulators) as early as those exist,
-    during the forward pass, and keeps the results alive until the backward pass reaches them. (An
-    optimization barrier does not stop this: XLA:CPU removes barriers before it schedules.)
-    """
+    """xs, made to depend on g (0 * one element of g is added): nothing computed from them runs before g exists."""
     zero = g.reshape(-1)[0].astype(jnp.float32) * 0  # () float32
     return tuple(jax.tree.map(lambda x: x + zero.astype(x.dtype), x) for x in xs)
 
@@ -68,9 +77,21 @@ def _sum_and_stack(f, xs, zeros):
 # ----------------------------------------------------------------------------- layer norm, GELU
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x, scale, bias, eps: float):
     """LayerNorm over the last axis in float32: x (..., C), scale and bias (C,) -> (..., C) float32."""
+    return (_layer_norm if _custom() else autodiff_layer_norm)(x, scale, bias, eps)
+
+
+def autodiff_layer_norm(x, scale, bias, eps: float):
+    """layer_norm written out, for JAX autodiff: (..., C) -> (..., C) float32."""
+    x = x.astype(jnp.float32)  # (..., C)
+    mean = x.mean(-1, keepdims=True)  # (..., 1)
+    return (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps) * scale + bias  # (..., C)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, eps: float):
+    """layer_norm keeping x in its own dtype and two float32 statistics per row for the backward pass."""
     return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
@@ -88,6 +109,7 @@ def _layer_norm_fwd(x, scale, bias, eps):
     return y, (x, mean, rstd, scale)  # x in its own dtype: a bf16 input is kept in bf16
 
 
+# Equals jax.vjp(autodiff_layer_norm, x, scale, bias, eps)[1](g) for the (dx, dscale, dbias).
 def _layer_norm_bwd(eps, saved, g):
     x_in, mean, rstd, scale = after(g, *saved)
     x_hat = (x_in.astype(jnp.float32) - mean) * rstd  # (..., C)
@@ -95,18 +117,29 @@ def _layer_norm_bwd(eps, saved, g):
     dx = rstd * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
                  - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True))  # (..., C)
     batch_axes = tuple(range(x_hat.ndim - 1))
-    return dx.astype(x_in.dtype), jnp.sum(g * x_hat, axis=batch_axes), jnp.sum(g, axis=batch_axes)
+    dscale, dbias = jnp.sum(g * x_hat, axis=batch_axes), jnp.sum(g, axis=batch_axes)  # (C,) each
+    return dx.astype(x_in.dtype), dscale, dbias
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 GELU_C = math.sqrt(2 / math.pi)
 
 
-@jax.custom_vjp
 def gelu(x):
     """GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in x's dtype."""
+    return (_gelu if _custom() else autodiff_gelu)(x)
+
+
+def autodiff_gelu(x):
+    """gelu written out, for JAX autodiff: (...) -> (...) in x's dtype."""
+    return 0.5 * x * (1 + jnp.tanh(GELU_C * (x + 0.044715 * x**3)))  # (..., 4C)
+
+
+@jax.custom_vjp
+def _gelu(x):
+    """gelu keeping x and its tanh for the backward pass."""
     return _gelu_fwd(x)[0]
 
 
@@ -115,16 +148,30 @@ def _gelu_fwd(x):
     return x * (0.5 * (1.0 + t)), (x, t)
 
 
+# Equals jax.vjp(autodiff_gelu, x)[1](g), the slope formed in float32.
 def _gelu_bwd(saved, g):
-    x, t = (a.astype(jnp.float32) for a in after(g, *saved))
-    slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * x * x)
+    x, t = (a.astype(jnp.float32) for a in after(g, *saved))  # (..., 4C) each
+    slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * x * x)  # (..., 4C)
     return ((g.astype(jnp.float32) * slope).astype(saved[0].dtype),)
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 # ----------------------------------------------------------------------------- attention
+
+
+def causal_attention(q, k, v):
+    """Causal self-attention (B, T, nh, hs) -> (B, T, nh, hs); past ATTENTION_BLOCK queries by blocks recomputed in
+    the backward pass, as flash attention does, instead of keeping (B, nh, T, T) scores for every layer."""
+    if q.shape[1] <= ATTENTION_BLOCK or not _custom():
+        return autodiff_causal_attention(q, k, v)  # (B, T, nh, hs)
+    return _blocked_attention(q, k, v)  # (B, T, nh, hs)
+
+
+def autodiff_causal_attention(q, k, v):
+    """One XLA jax.nn.dot_product_attention call, for JAX autodiff: (B, T, nh, hs) -> (B, T, nh, hs)."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # (B, T, nh, hs)
 
 
 def _attend_rows(q, k, v, start):
@@ -134,21 +181,9 @@ def _attend_rows(q, k, v, start):
     return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation="xla")  # (B, Tq, nh, hs)
 
 
-def causal_attention(q, k, v):
-    """Causal self-attention with XLA's jax.nn.dot_product_attention: (B, T, nh, hs) -> (B, T, nh, hs).
-
-    Sequences longer than ATTENTION_BLOCK run ATTENTION_BLOCK queries at a time, and the backward pass
-    keeps only q, k, v and recomputes each block's (B, nh, ATTENTION_BLOCK, T) scores, as flash attention
-    does, instead of keeping (B, nh, T, T) scores and probabilities for every layer.
-    """
-    if q.shape[1] <= ATTENTION_BLOCK:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # (B, T, nh, hs)
-    return _blocked_attention(q, k, v)
-
-
 @jax.custom_vjp
 def _blocked_attention(q, k, v):
-    """causal_attention by blocks of queries, recomputed in the backward pass."""
+    """causal_attention by blocks of ATTENTION_BLOCK queries, keeping only q, k, v for the backward pass."""
     starts = jnp.arange(0, q.shape[1], ATTENTION_BLOCK)  # (n,)
     out = jax.lax.map(lambda qs: _attend_rows(qs[0], k, v, qs[1]), (_to_blocks(q, ATTENTION_BLOCK), starts))
     return _from_blocks(out, q.shape[1])  # (B, T, nh, hs)
@@ -158,6 +193,7 @@ def _blocked_attention_fwd(q, k, v):
     return _blocked_attention(q, k, v), (q, k, v)
 
 
+# Equals jax.vjp(autodiff_causal_attention, q, k, v)[1](g), one block of queries' scores recomputed at a time.
 def _blocked_attention_bwd(saved, g):
     q, k, v = after(g, *saved)
 
@@ -170,7 +206,7 @@ def _blocked_attention_bwd(saved, g):
     starts = jnp.arange(0, q.shape[1], ATTENTION_BLOCK)  # (n,)
     zeros = after(g, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))  # (B, T, nh, hs) each
     (dk, dv), dq = _sum_and_stack(block_grads, (_to_blocks(q, ATTENTION_BLOCK), _to_blocks(g, ATTENTION_BLOCK), starts),
-                                  zeros)
+                                  zeros)  # (B, T, nh, hs) float32 each, (n, B, Tq, nh, hs)
     return _from_blocks(dq, q.shape[1]), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -180,15 +216,26 @@ _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 # ----------------------------------------------------------------------------- matmul
 
 
+def matmul(x, w, dtype: str, output: str = "float32"):
+    """x (..., K) @ w (K, N) in the compute dtype, result (..., N) float32; output="compute" (GPTConfig.matmul_output):
+    a 16-bit dot returns the compute dtype, cast after (backends that ignore preferred_element_type)."""
+    x = x.astype(dtype)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.dot(x, w.astype(dtype))  # (..., N)
+    if output == "compute":
+        return jnp.dot(x, w.astype(dtype)).astype(jnp.float32)  # (..., N); autodiff's backward dots in 16 bits too
+    return (low_precision_matmul if _custom() else autodiff_low_precision_matmul)(x, w)  # (..., N)
+
+
+def autodiff_low_precision_matmul(x, w):
+    """low_precision_matmul for JAX autodiff: the float32 output's cotangent makes both backward dots float32."""
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # (..., N)
+
+
 @jax.custom_vjp
 def low_precision_matmul(x, w):
-    """x (..., K) in a 16-bit compute dtype @ w (K, N) rounded to it, accumulated and returned in float32.
-
-    The backward pass multiplies in that dtype too (the cotangent is rounded to it, as under torch autocast),
-    so all three matmuls of a layer run on bf16 x bf16 -> f32 kernels; plain autodiff would get a float32
-    cotangent from the float32 output and run both backward matmuls in float32. It keeps w as given
-    (the float32 parameter, alive anyway) and rounds it again, rather than keeping a bf16 copy.
-    """
+    """x (..., K) in a 16-bit dtype @ w (K, N) rounded to it -> (..., N) float32; backward dots in that dtype too, as
+    under torch autocast. It keeps w as given (the float32 parameter, alive anyway), not a bf16 copy."""
     return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)  # (..., N)
 
 
@@ -196,6 +243,7 @@ def _low_precision_matmul_fwd(x, w):
     return low_precision_matmul(x, w), (x, w)
 
 
+# Equals jax.vjp(autodiff_low_precision_matmul, x, w)[1](g) with g first rounded to x's dtype (exact in float32).
 def _low_precision_matmul_bwd(saved, g):
     x, w = after(g, *saved)
     g = g.astype(x.dtype)  # (..., N)
@@ -206,20 +254,6 @@ def _low_precision_matmul_bwd(saved, g):
 
 
 low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
-
-
-def matmul(x, w, dtype: str, output: str = "float32"):
-    """x @ w in the compute dtype, result in float32; float32 compute is a plain dot.
-
-    output="compute" (GPTConfig.matmul_output): a 16-bit dot returns the compute dtype, cast to float32 after,
-    for backends that do not honour preferred_element_type; autodiff then runs the backward dots in 16 bits too.
-    """
-    x = x.astype(dtype)
-    if jnp.dtype(dtype) == jnp.float32:
-        return jnp.dot(x, w.astype(dtype))
-    if output == "compute":
-        return jnp.dot(x, w.astype(dtype)).astype(jnp.float32)  # (..., N)
-    return low_precision_matmul(x, w)
 
 
 # ----------------------------------------------------------------------------- lm_head + loss
@@ -242,12 +276,9 @@ def _chunk_logits(x, w, vocab_size: int, matmul_output: str):
 
 
 def tied_logits(x, wte, vocab_size: int, dtype: str, matmul_output: str = "float32"):
-    """Logits over all Vp rows of the tied wte (Vp, C): x (..., C) -> (..., Vp) float32, -inf past vocab_size.
-
-    The matmul runs over the padded vocabulary because a multiple of 64 is what the kernels are fast at;
-    -inf makes the padding drop out of every softmax exactly. wte is rounded to the compute dtype before it
-    is transposed (XLA:CPU has no bf16 kernel for a dot that rounds and transposes its operand itself).
-    """
+    """Logits over all Vp rows of the tied wte (Vp, C): x (..., C) -> (..., Vp) float32, -inf past vocab_size (the
+    padding drops out of every softmax exactly)."""
+    # wte rounded to the compute dtype before it is transposed: XLA:CPU has no bf16 kernel for a dot that does both
     logits = matmul(x, wte.astype(dtype).T, dtype, matmul_output)  # (..., Vp)
     if wte.shape[0] > vocab_size:
         logits = logits + jnp.where(jnp.arange(wte.shape[0]) < vocab_size, 0.0, -jnp.inf)  # (Vp,) broadcast
@@ -255,12 +286,9 @@ def tied_logits(x, wte, vocab_size: int, dtype: str, matmul_output: str = "float
 
 
 def token_cross_entropy(logits, targets):
-    """Cross entropy of each token in float32: logits (B, T, V or Vp), targets (B, T) -> (B, T).
-
-    logsumexp minus the target's logit: the value of log_softmax then pick, without writing the (B, T, V)
-    log-probabilities out, one pass over the logits fewer (see BENCHMARKS.md).
-    """
-    logits = logits.astype(jnp.float32)
+    """Cross entropy of each token in float32: logits (B, T, V or Vp), targets (B, T) -> (B, T); logsumexp minus
+    the target's logit, without writing out the log-probabilities (BENCHMARKS.md)."""
+    logits = logits.astype(jnp.float32)  # (B, T, V)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # (B, T)
     return jax.nn.logsumexp(logits, axis=-1) - picked  # (B, T)
 
@@ -271,42 +299,40 @@ def cross_entropy(logits, targets):
 
 
 def loss_in_chunks(n_tokens: int) -> bool:
-    """Whether lm_head_loss takes n_tokens chunk by chunk (more than FULL_LOGITS_TOKENS)."""
-    return n_tokens > FULL_LOGITS_TOKENS
+    """Whether lm_head_loss takes n_tokens chunk by chunk: more than FULL_LOGITS_TOKENS, outside use_autodiff()."""
+    return n_tokens > FULL_LOGITS_TOKENS and _custom()
 
 
 def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
-    """Mean cross entropy of the logits x @ wte.T (x (B, T, C), wte (Vp, C)) against targets (B, T).
-
-    Up to FULL_LOGITS_TOKENS tokens: the full logits and plain autodiff (faster on CPU: XLA overlaps the
-    lm_head's backward matmuls with the blocks', BENCHMARKS.md change 25). Beyond, chunk by chunk
-    (_chunked_lm_head_loss): logits of LOSS_CHUNK tokens at a time, never all of them.
-    """
+    """Mean cross entropy of the logits x @ wte.T (x (B, T, C), wte (Vp, C)) against targets (B, T): up to
+    FULL_LOGITS_TOKENS tokens the full logits (faster on CPU, BENCHMARKS.md change 25), beyond chunk by chunk."""
     if not loss_in_chunks(x.shape[0] * x.shape[1]):
-        return cross_entropy(tied_logits(x, wte, vocab_size, dtype, matmul_output), targets)
+        return autodiff_lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output)
     return _chunked_lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output)
+
+
+def autodiff_lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
+    """lm_head_loss from the full (B, T, Vp) logits, for JAX autodiff."""
+    return cross_entropy(tied_logits(x, wte, vocab_size, dtype, matmul_output), targets)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _chunked_lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
-    """lm_head_loss, LOSS_CHUNK tokens at a time. Its
-    forward pass under autodiff also forms the gradients, chunk by chunk (the loss is the last
-    operation, so its cotangent is a scalar that only scales them): the (B, T, Vp) logits and their
-    gradient are never held whole, and no matmul is recomputed.
-    """
+    """lm_head_loss by LOSS_CHUNK tokens; under autodiff its forward pass forms the gradients too, chunk by chunk
+    (the loss is the last op: its cotangent only scales them), so no matmul is recomputed."""
     return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output)[0]
 
 
 def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str, with_dx: bool = False,
                   dw_total=None):
-    """(mean loss, dx (B, T, C) or None, dw_total + dwte (Vp, C) or None), LOSS_CHUNK tokens at a time:
-    dx with with_dx, the weight gradient (added to dw_total) when dw_total is given."""
+    """(mean loss, dx (B, T, C) or None, dw_total + dwte (Vp, C) or None), LOSS_CHUNK tokens at a time: dx with
+    with_dx, the weight gradient (added to dw_total) when dw_total is given."""
     B, T, C = x.shape
     n = B * T
     w = wte.astype(dtype)  # (Vp, C)
     size = min(LOSS_CHUNK, n)
     x_chunks = _to_blocks(x.reshape(1, n, C).astype(dtype), size)[:, 0]  # (n_chunks, size, C)
-    t_chunks = _to_blocks(targets.reshape(1, n).astype(jnp.int32) + 1, size)[:, 0] - 1  # padding: -1
+    t_chunks = _to_blocks(targets.reshape(1, n).astype(jnp.int32) + 1, size)[:, 0] - 1  # (n_chunks, size), padding -1
     with_dw = dw_total is not None
 
     def chunk(xt):
@@ -326,15 +352,15 @@ def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: s
         return (loss_sum, dw), dx_i
 
     zeros = (jnp.zeros((), jnp.float32), dw_total.astype(jnp.float32) if with_dw else None)
-    (loss_sum, dw), dx = _sum_and_stack(chunk, (x_chunks, t_chunks), zeros)
+    (loss_sum, dw), dx = _sum_and_stack(chunk, (x_chunks, t_chunks), zeros)  # (), (Vp, C), (n_chunks, size, C)
     if with_dx:
         dx = _from_blocks(dx[:, None], n)[0].reshape(B, T, C).astype(x.dtype)  # (B, T, C)
     return loss_sum / n, dx, None if dw is None else dw.astype(wte.dtype)
 
 
 def lm_head_loss_and_dx(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
-    """(mean loss, its gradient (B, T, C) with respect to x) of lm_head_loss, chunk by chunk, without the
-    weight gradient: add_lm_head_dw forms that later (flax_gpt.remat, once the blocks' backward pass is done)."""
+    """(mean loss, its gradient (B, T, C) with respect to x) of lm_head_loss, chunk by chunk, without the weight
+    gradient: add_lm_head_dw forms that later (flax_gpt.remat, once the blocks' backward pass is done)."""
     return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_dx=True)[:2]
 
 
@@ -347,9 +373,10 @@ def add_lm_head_dw(dw_total, x, wte, targets, vocab_size: int, dtype: str, matmu
 def _lm_head_loss_fwd(x, wte, targets, vocab_size, dtype, matmul_output):
     loss, dx, dw = _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_dx=True,
                                  dw_total=jnp.zeros(wte.shape, jnp.float32))
-    return loss, (dx, dw, targets)
+    return loss, (dx, dw, targets)  # dx (B, T, C), dw (Vp, C)
 
 
+# Equals jax.vjp(autodiff_lm_head_loss, x, wte, targets, ...)[1](g) for (dx, dwte), from gradients formed forward.
 def _lm_head_loss_bwd(vocab_size, dtype, matmul_output, saved, g):
     dx, dw, targets = saved
     return g * dx, g * dw, None

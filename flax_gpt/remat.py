@@ -1,10 +1,12 @@
 """The training loss and its gradients with every block recomputed in the backward pass (--remat), the
 backward pass written out, so that what exists when is chosen here rather than by XLA's scheduler.
 
-Autodiff of the scan of jax.checkpoint blocks (GPT.blocks with remat) gives the same gradients, but
-XLA:CPU creates the zero-filled buffers its backward pass accumulates into (the (n_layer, ...) stacked block
-gradients, wte's) when the step starts: they sit through the forward pass beside its activations, 0.46 GiB
-of gpt2's 1.27 GiB at 8x1024 in bf16 (BENCHMARKS.md change 29). Here:
+Its forward pass walks the model as GPT.trunk does (GPT.embed, the blocks of GPT.h, GPT.ln_f; no KV cache), keeping
+each block's input: tests/test_train_step.py fails when the two walks diverge. Autodiff of GPT.loss with remat
+(GPT.blocks: a scan of jax.checkpoint blocks) gives the same gradients, but XLA:CPU creates the zero-filled buffers
+its backward pass accumulates into (the (n_layer, ...) stacked block gradients, wte's) when the step starts: they
+sit through the forward pass beside its activations, 0.46 GiB of gpt2's 1.27 GiB at 8x1024 in bf16 (BENCHMARKS.md
+change 29). Here:
 
     forward     embeddings, the blocks keeping only each block's input, ln_f, the loss and its gradient
                 with respect to ln_f's output (ops.lm_head_loss_and_dx), chunk by chunk
@@ -22,6 +24,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt import ops
+from flax_gpt.model import GPT
+
+
+def _block(block_def: nnx.GraphDef, params: nnx.State, x):
+    """One block of GPT.h, as GPT.blocks calls it without a cache: (B, T, C) -> (B, T, C)."""
+    return nnx.merge(block_def, params)(x)[0]  # (B, T, C)
+
+
+def trunk(model: GPT, idx):
+    """GPT.trunk(idx)[0], ln_f's output (B, T, C), with what the backward pass needs: ln_f's vjp and each block's
+    input (n_layer, B, T, C)."""
+    block_def, block_params = nnx.split(model.h)  # parameters with a leading n_layer axis
+    ln_f_def, ln_f_params = nnx.split(model.ln_f)
+    x = model.embed(idx)  # (B, T, C) float32
+    x, inputs = jax.lax.scan(lambda x, p: (_block(block_def, p, x), x), x, block_params)  # (B, T, C), (L, B, T, C)
+    h, ln_f_vjp = jax.vjp(lambda x, p: nnx.merge(ln_f_def, p)(x), x, ln_f_params)  # (B, T, C)
+    return h, ln_f_vjp, inputs
 
 
 def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets):
@@ -29,16 +48,10 @@ def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets):
     model = nnx.merge(graphdef, params)
     c = model.config
     block_def, block_params = nnx.split(model.h)  # parameters with a leading n_layer axis
-    ln_f_def, ln_f_params = nnx.split(model.ln_f)
     wte = model.wte.embedding[...]  # (Vp, C)
     head = (c.vocab_size, c.dtype, c.matmul_output)
 
-    def block(params, x):
-        return nnx.merge(block_def, params)(x)[0]  # (B, T, C)
-
-    x = model.embed(idx)  # (B, T, C) float32
-    x, inputs = jax.lax.scan(lambda x, p: (block(p, x), x), x, block_params)  # (B, T, C), (L, B, T, C)
-    h, ln_f_vjp = jax.vjp(lambda x, p: nnx.merge(ln_f_def, p)(x), x, ln_f_params)  # (B, T, C)
+    h, ln_f_vjp, inputs = trunk(model, idx)  # (B, T, C), ln_f's vjp, (L, B, T, C)
     defer = ops.loss_in_chunks(targets.size)  # else the logits are small: keep their weight gradient
     if defer:
         loss, dh = ops.lm_head_loss_and_dx(h, wte, targets, *head)  # (), (B, T, C)
@@ -51,8 +64,8 @@ def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets):
         dx, d_blocks = carry  # (B, T, C), stacked gradients
         layer = c.n_layer - 1 - i
         params = jax.tree.map(lambda p: p[layer], block_params)
-        _, block_vjp = jax.vjp(block, params, inputs[layer])
-        d_params, dx = block_vjp(dx)
+        _, block_vjp = jax.vjp(lambda p, x: _block(block_def, p, x), params, inputs[layer])
+        d_params, dx = block_vjp(dx)  # one layer's gradients, (B, T, C)
         d_blocks = jax.tree.map(lambda d, g: d.at[layer].set(g), d_blocks, d_params)
         return dx, d_blocks
 

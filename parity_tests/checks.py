@@ -330,14 +330,10 @@ def blocked_attention_vs_xla(dtype: str = "float32", T: int = 45) -> tuple[Measu
     (BF16_ULP) for a backend whose sums in another order round an element to its neighbour; gradients 2.8e-3.
     """
     q, k, v, g = (jnp.asarray(np.random.default_rng(i).standard_normal((2, T, 3, 16)), dtype) for i in range(4))
-
-    def plain(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-
     with small_blocks():
         out, vjp = jax.vjp(ops.causal_attention, q, k, v)
         grads = vjp(g)
-    ref_out, ref_vjp = jax.vjp(plain, q, k, v)
+    ref_out, ref_vjp = jax.vjp(ops.autodiff_causal_attention, q, k, v)
     ref_grads = ref_vjp(g)
     out_bound, grad_bound = ((BLOCKED_ATTENTION_REL, BLOCKED_ATTENTION_GRAD_REL) if dtype == "float32"
                              else (BF16_ULP, BF16_REL))
@@ -457,51 +453,34 @@ def bf16_matmul_fallback_vs_normal(shape: str) -> Measurement:
                        BF16_REL, BF16_FALLBACK_FLOOR)
 
 
-def plain_layer_norm(x, scale, bias):
-    """GPT-2's LayerNorm written out, for autodiff: x (..., C), eps 1e-5."""
-    mean = x.mean(-1, keepdims=True)  # (..., 1)
-    return (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * scale + bias  # (..., C)
-
-
-def plain_gelu(x):
-    """GPT-2's tanh GELU written out, for autodiff."""
-    return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-
-
 def _normal(*shapes, scale: float = 1.0, seed: int = 0) -> list[jax.Array]:
     rng = np.random.default_rng(seed)
     return [jnp.asarray(scale * rng.standard_normal(s), jnp.float32) for s in shapes]
 
 
 def _vjp_case(op: str):
-    """(ours, float32 reference, float32 args, which args ours takes in bf16) of one hand-written backward."""
+    """(ours, float32 reference: the library's autodiff version, float32 args, which args ours takes in bf16) of one
+    hand-written backward."""
     if op == "layer_norm":
-        return (lambda x, s, b: ops.layer_norm(x, s, b, 1e-5), plain_layer_norm,
+        return (lambda x, s, b: ops.layer_norm(x, s, b, 1e-5), lambda x, s, b: ops.autodiff_layer_norm(x, s, b, 1e-5),
                 _normal((2, 5, 32), scale=3) + _normal((32,), (32,), seed=1), (True, False, False))
     if op == "gelu":
-        return ops.gelu, plain_gelu, _normal((2, 5, 32), scale=3), (True,)
+        return ops.gelu, ops.autodiff_gelu, _normal((2, 5, 32), scale=3), (True,)
     if op == "blocked_attention":  # T past ATTENTION_BLOCK: the blocked path, as the model runs it
         T = ops.ATTENTION_BLOCK + 44
-
-        def plain(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # (B, T, nh, hs)
-
-        return ops.causal_attention, plain, _normal((1, T, 2, 8), (1, T, 2, 8), (1, T, 2, 8)), (True, True, True)
-    if op == "low_precision_matmul":
-        return (ops.low_precision_matmul, lambda x, w: jnp.dot(x, w, precision="highest"),
-                _normal((2, 5, 32), (32, 24)), (True, False))
+        return (ops.causal_attention, ops.autodiff_causal_attention, _normal((1, T, 2, 8), (1, T, 2, 8), (1, T, 2, 8)),
+                (True, True, True))
+    if op == "low_precision_matmul":  # the reference's dot at jax_default_matmul_precision "highest" (set above)
+        return (ops.low_precision_matmul, ops.autodiff_low_precision_matmul, _normal((2, 5, 32), (32, 24)),
+                (True, False))
     if op == "chunked_lm_head_loss":  # past FULL_LOGITS_TOKENS tokens: the chunked path, as the model runs it
         V, Vp, C, T = 100, 128, 16, ops.FULL_LOGITS_TOKENS + 52
         targets = jnp.asarray(np.random.default_rng(2).integers(0, V, (1, T)), jnp.int32)  # (1, T)
         x, wte = _normal((1, T, C), (Vp, C))
         wte = wte.at[V:].set(0)  # (Vp, C) padding rows zero, as in the model
-
-        def plain(x, wte):
-            logp = jax.nn.log_softmax(jnp.dot(x, wte[:V].T, precision="highest"), axis=-1)  # (1, T, V)
-            return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
-
-        # x float32, bf16 compute, as GPT.loss passes the ln_f output
-        return (lambda x, w: ops.lm_head_loss(x, w, targets, V, "bfloat16"), plain, [x, wte], (False, False))
+        # x float32, bf16 compute, as GPT.loss passes the ln_f output; the reference: the full logits in float32
+        return (lambda x, w: ops.lm_head_loss(x, w, targets, V, "bfloat16"),
+                lambda x, w: ops.autodiff_lm_head_loss(x, w, targets, V, "float32"), [x, wte], (False, False))
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -67,18 +67,20 @@ def test_low_precision_matmul_vjp_is_the_dot_vjp():
     import jax.numpy as jnp
     import numpy as np
 
-    from flax_gpt.ops import low_precision_matmul
+    from flax_gpt.ops import autodiff_low_precision_matmul, low_precision_matmul
 
     rng = np.random.default_rng(0)
     x, w, g = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 5, 8), (8, 3), (2, 5, 3)))
     ours = jax.vjp(low_precision_matmul, x, w)[1](g)
-    ref = jax.vjp(lambda a, b: jnp.dot(a, b, precision="highest"), x, w)[1](g)
+    with jax.default_matmul_precision("highest"):
+        ref = jax.vjp(autodiff_low_precision_matmul, x, w)[1](g)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_layer_norm_and_gelu_vjps_are_autodiff_of_their_formulas():
-    """The hand-written backward passes of ops.layer_norm and ops.gelu against autodiff of the plain formulas (f32)."""
+    """The hand-written backward passes of ops.layer_norm and ops.gelu against autodiff of their formulas, the
+    library's ops.autodiff_layer_norm and ops.autodiff_gelu (f32)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -88,8 +90,8 @@ def test_layer_norm_and_gelu_vjps_are_autodiff_of_their_formulas():
     rng = np.random.default_rng(0)
     x, g = (jnp.asarray(3 * rng.standard_normal((2, 5, 8)), jnp.float32) for _ in range(2))
     scale, bias = (jnp.asarray(rng.standard_normal(8), jnp.float32) for _ in range(2))
-    for ours, ref, args in ((lambda *a: ops.layer_norm(*a, 1e-5), checks.plain_layer_norm, (x, scale, bias)),
-                            (ops.gelu, checks.plain_gelu, (x,))):
+    for ours, ref, args in ((lambda *a: ops.layer_norm(*a, 1e-5), lambda *a: ops.autodiff_layer_norm(*a, 1e-5),
+                             (x, scale, bias)), (ops.gelu, ops.autodiff_gelu, (x,))):
         out, vjp = jax.vjp(ours, *args)
         ref_out, ref_vjp = jax.vjp(ref, *args)
         np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
