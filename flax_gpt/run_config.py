@@ -2,7 +2,7 @@
 
 Each flag is one TrainConfig field declared with `flag(...)`: its default, whether the preset fills it, whether
 it defines the run (--resume takes it from the checkpoint and refuses a contradicting one) or belongs to this
-session only, and its check. The presets, the resume rules and the CLI (tyro reads the comments as help) are
+invocation of train.py only, and its check. The presets, the resume rules and the CLI (tyro reads the comments as help) are
 derived from those fields. No JAX here: bad flags fail before JAX starts.
 """
 
@@ -16,11 +16,12 @@ from flax_gpt.sinks import require
 
 
 def flag(default=None, *, preset: Literal["fill", "read"] | None = None, defines_run: bool = False,
-         session: bool = False, check: Literal["positive", "non_negative"] | None = None):
+         invocation: bool = False, check: Literal["positive", "non_negative"] | None = None):
     """A TrainConfig field. preset: "fill" takes the preset's value when the flag is not given, "read" leaves the
-    field unset (so a checkpoint records that the preset's was used) and reads the preset where it is needed."""
+    field unset (so a checkpoint records that the preset's was used) and reads the preset where it is needed.
+    invocation: never restored on --resume (where to write, which device, --debug)."""
     return dataclasses.field(default=default, metadata={"preset": preset, "defines_run": defines_run,
-                                                        "session": session, "check": check})
+                                                        "invocation": invocation, "check": check})
 
 
 @dataclasses.dataclass
@@ -29,10 +30,10 @@ class TrainConfig:
 
     preset: str = flag("small", defines_run=True)  # run recipe: tiny | small | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (see README)
     data: str | None = flag(None, defines_run=True)  # token shards dir or .txt/.jsonl/.parquet file(s); default ./input.txt, else Shakespeare
-    out_dir: str = flag("out", session=True)  # checkpoints/, metrics.jsonl and loss.png go here
+    out_dir: str = flag("out", invocation=True)  # checkpoints/, metrics.jsonl and loss.png go here
     init_from: str | None = flag(None, preset="fill", defines_run=True)  # scratch | an HF hub id (gpt2, ...) | an HF directory | a run; default: the preset's
-    resume: bool = flag(False, session=True)  # continue the run in out_dir from its latest checkpoint, with that run's own flags
-    extend_steps: int = flag(0, session=True, check="non_negative")  # with --resume: train this many steps past the run's --max-steps, at its final lr
+    resume: bool = flag(False, invocation=True)  # continue the run in out_dir from its latest checkpoint, with that run's own flags
+    extend_steps: int = flag(0, invocation=True, check="non_negative")  # with --resume: train this many steps past the run's --max-steps, at its final lr
     max_steps: int | None = flag(None, preset="fill", defines_run=True, check="positive")  # optimizer steps
     decay_steps: int | None = flag(None, defines_run=True, check="positive")  # the cosine reaches min_lr here and stays there (nanoGPT's lr_decay_iters); default max_steps
     batch_size: int | None = flag(None, preset="fill", defines_run=True, check="positive")  # sequences per micro batch (B)
@@ -55,8 +56,8 @@ class TrainConfig:
     tensorboard: bool = flag(False)  # also write TensorBoard event files to OUT_DIR/tensorboard (extra: tensorboard)
     wandb_project: str | None = flag(None)  # also log to this Weights & Biases project (extra: wandb; WANDB_MODE=offline works)
     seed: int = flag(1337, defines_run=True)
-    device: Literal["auto", "cpu", "cuda", "metal"] = flag("auto", session=True)
-    sharding: Literal["auto", "none", "dp", "fsdp"] = flag("auto", session=True)  # auto: dp when more than one device is visible
+    device: Literal["auto", "cpu", "cuda", "metal"] = flag("auto", invocation=True)
+    sharding: Literal["auto", "none", "dp", "fsdp"] = flag("auto", invocation=True)  # auto: dp when more than one device is visible
     remat: bool = flag(False)  # recompute block activations in the backward pass: less memory, ~1/3 more compute
     scan_layers: bool = flag(False)  # rolled layer loop: compile time flat in depth, slower steps
     dtype: Literal["auto", "bf16", "fp32"] = flag("auto", defines_run=True)  # compute dtype; auto: bf16 on GPUs and on CPUs with bf16 dot instructions
@@ -67,7 +68,7 @@ class TrainConfig:
     block_size: int | None = flag(None)
     progress: bool = flag(True)  # show a progress bar (only when stderr is a terminal)
     log_interval: int | None = flag(None, check="positive")  # steps between 'step | loss | lr | norm | dt | tok/s' lines; default: every step without a bar
-    debug: bool = flag(False, session=True)  # show tracebacks instead of one-line errors
+    debug: bool = flag(False, invocation=True)  # show tracebacks instead of one-line errors
 
 
 def fields_with(key: str, value=True) -> tuple[str, ...]:
@@ -79,7 +80,7 @@ def fields_with(key: str, value=True) -> tuple[str, ...]:
 # (intervals, sampling, progress, memory and speed settings) may change when a run is resumed. The model's
 # shape flags are checked against the checkpoint's model, which names the fields that differ.
 RUN_FIELDS = fields_with("defines_run")
-NOT_RESTORED = fields_with("session")  # this session's own: never taken from the checkpoint
+NOT_RESTORED = fields_with("invocation")  # this invocation's own: never taken from the checkpoint
 PRESET_FIELDS = fields_with("preset", "fill") + fields_with("preset", "read")
 
 # A preset names its model (flax_gpt.config's presets) and a value of every preset flag

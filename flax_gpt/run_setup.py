@@ -192,7 +192,7 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[TrainRun, float | None]:
           f"{config.attention} attention on {platform}; data: {len(tokens.train):,} train / {len(tokens.val):,} val "
           f"tokens; batch {cfg.batch_size}x{cfg.seq_len} x {accum} accum x {n_proc} processes = "
           f"{r.tokens_per_step:,} tokens/step; {jax.device_count()} devices, sharding {strategy}")
-    _log_session(r, ckpt_root, peak, peak_source, caps, sinks)
+    _log_run_notes(r, ckpt_root, peak, peak_source, caps, sinks)
     return r, peak
 
 
@@ -210,7 +210,7 @@ def _checkpoint_meta(cfg: TrainConfig, source: Path, dtype: str, config: GPTConf
     return meta
 
 
-def _log_session(r: TrainRun, ckpt_root: Path, peak: float | None, peak_source: str, caps, sinks) -> None:
+def _log_run_notes(r: TrainRun, ckpt_root: Path, peak: float | None, peak_source: str, caps, sinks) -> None:
     """The lines after the model line: resume point, MFU peak, HellaSwag, sinks, fallbacks, the dtype note."""
     cfg = r.cfg
     if cfg.resume:
