@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 
 from flax_gpt.errors import UserError, run_cli
+from flax_gpt.files import atomic_write
 
 N_ENDINGS = 4
 
@@ -347,7 +348,7 @@ def run(cfg: EvalConfig) -> dict:
         results["hellaswag"] = {"path": cfg.hellaswag, **scores}
     if cfg.json is not None:
         try:
-            Path(cfg.json).expanduser().write_text(json.dumps(results, indent=2) + "\n")
+            atomic_write(Path(cfg.json).expanduser(), json.dumps(results, indent=2) + "\n")
         except OSError as e:
             raise UserError(f"--json {cfg.json}: cannot write ({e.strerror or e})") from None
     return results

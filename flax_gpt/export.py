@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from flax_gpt.errors import UserError, run_cli
+from flax_gpt.files import atomic_directory, atomic_write
 from flax_gpt.hf import config_to_hf, to_hf_state_dict
 from flax_gpt.load import Run
 from flax_gpt.model import GPT
@@ -52,28 +50,20 @@ def save_pretrained(model: GPT, out_dir: str | Path, overwrite: bool = False) ->
     if hf_config["eos_token_id"] >= model.config.vocab_size:  # not GPT-2's vocabulary: no <|endoftext|> id
         hf_config.update(bos_token_id=None, eos_token_id=None)
     created = _make_parents(out_dir.parent)
-    tmp = None
+    done = False
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        _write_safetensors(tensors, tmp / "model.safetensors")
-        _write_json(tmp / "generation_config.json", _generation_config(hf_config))
-        _write_json(tmp / "config.json", hf_config)
-        if out_dir.exists():
-            for name in EXPORT_FILES:  # each replace is atomic: a reader sees the old or the new file
-                os.replace(tmp / name, out_dir / name)
-            if overwrite:
-                _remove_stale_weights(out_dir)
-            tmp.rmdir()
-        else:
-            os.rename(tmp, out_dir)  # the whole directory appears at once
-        tmp = None
+        with atomic_directory(out_dir, EXPORT_FILES) as tmp:  # a reader sees the old or the new file of each name
+            _write_safetensors(tensors, tmp / "model.safetensors")
+            _write_json(tmp / "generation_config.json", _generation_config(hf_config))
+            _write_json(tmp / "config.json", hf_config)
+        if overwrite:
+            _remove_stale_weights(out_dir)
+        done = True
     except OSError as e:
         raise UserError(f"cannot write the export to {out_dir}: {e.strerror or e}") from e
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not out_dir.exists():
-                _remove_empty(created)
+        if not done and not out_dir.exists():
+            _remove_empty(created)
     return {"out_dir": str(out_dir), "files": list(EXPORT_FILES),
             "n_params": int(sum(t.size for t in tensors.values()))}
 
@@ -91,20 +81,14 @@ def save_torch_checkpoint(run: Run, out: str | Path, fmt: str, overwrite: bool =
         ckpt = torch_ckpt.nanogpt_checkpoint(run.model, run.step, best, _optim_config(run.train_config), run.adam)
         optimizer = f"AdamW moments of step {run.step}" if run.adam else "empty AdamW state (fresh moments)"
     created = _make_parents(out.parent)
-    tmp = None
+    done = False
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch_ckpt.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)  # a reader sees the old file or the new one, never a cut one
-        tmp = None
+        atomic_write(out, lambda f: torch_ckpt.save(ckpt, f))  # a reader sees the old file or the new one
+        done = True
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        if not done:
             _remove_empty(created)
     n_params = sum(t.numel() for k, t in ckpt["model"].items() if k != "lm_head.weight")
     return {"out": str(out), "optimizer": optimizer, "n_params": n_params}
@@ -141,17 +125,10 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 
 def _write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})  # transformers expects format=pt
-    _fsync(path)
 
 
 def _write_json(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _generation_config(hf_config: dict) -> dict:

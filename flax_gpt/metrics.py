@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt.config import GPTConfig
+from flax_gpt.files import atomic_write
 
 # Dense bf16 datasheet peaks (FLOP/s, no sparsity, float32 accumulation) by the exact `device_kind` JAX reports,
 # which is the CUDA device name (what nvidia-smi shows). A kind not listed gets no MFU: a near name can be another
@@ -118,9 +118,7 @@ class MetricsLog:
             path.write_text("")
         elif path.exists():  # a killed run may have left half a line at the end: it goes with the redone steps
             kept = [line for line in path.read_text().splitlines() if _step_of(line) < resume_from_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)  # a crash now leaves the old file or the new one, never a cut one
+            atomic_write(path, "".join(line + "\n" for line in kept))  # a crash leaves the old file or the new one
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -18,6 +18,7 @@ import numpy as np
 import tyro
 
 from flax_gpt.errors import UserError, run_cli
+from flax_gpt.files import atomic_write
 
 # (metrics.jsonl key, panel title, y label)
 PANELS = (
@@ -62,8 +63,13 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
+
+
+def _save(fig, path: Path) -> None:
+    """fig as the image file path (its format from the suffix, PNG without one), written whole."""
+    atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:] or None))
 
 
 def _loss_panel(ax, records: list[dict], color: str, val_color: str, name: str) -> None:
@@ -120,7 +126,7 @@ def plot_runs(runs: dict[str, list[dict]], path: Path, title: str = "") -> list[
         ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return [p[1] for p in panels]
 

@@ -49,8 +49,9 @@ import tyro
 
 from flax_gpt import sources as src
 from flax_gpt.errors import UserError, run_cli
+from flax_gpt.files import atomic_write
 from flax_gpt.shards import (JOURNAL, MANIFEST, PREPARE_FORMAT, SHARD_NAME, TOKEN_DTYPE, NpyWriter, npy_tokens,
-                             shard_name, write_atomic)
+                             shard_name)
 from flax_gpt.tokenizer import EOT, get_encoding
 
 FORMAT_VERSION = 1  # bump when the shards or manifest.json change meaning
@@ -521,7 +522,7 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_json(path: Path, value: dict) -> None:
-    write_atomic(path, (json.dumps(value, indent=1) + "\n").encode())
+    atomic_write(path, json.dumps(value, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI
