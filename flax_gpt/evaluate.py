@@ -57,7 +57,7 @@ class EvalConfig:
 def read_tokens(path: str | Path):
     """The tokens to measure: a token shard directory's val split (memory-mapped), else (N,) int32 GPT-2 tokens of
     a text / JSON Lines / Parquet file or directory, each document starting with <|endoftext|>."""
-    from flax_gpt.prepare import tokenize_paths
+    from flax_gpt.tokenize_chunks import tokenize_paths
     from flax_gpt.shards import open_token_dir
 
     path = Path(path).expanduser()
