@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from flax_gpt import torch_ckpt
 from flax_gpt.errors import UserError, run_cli
 from flax_gpt.files import atomic_directory, atomic_write
 from flax_gpt.hf import config_to_hf, to_hf_state_dict
-from flax_gpt.load import Run
+from flax_gpt.load import Run, load_model, load_run
 from flax_gpt.model import GPT
 from flax_gpt.optim import OptimConfig
 
@@ -70,8 +71,6 @@ def save_pretrained(model: GPT, out_dir: str | Path, overwrite: bool = False) ->
 
 def save_torch_checkpoint(run: Run, out: str | Path, fmt: str, overwrite: bool = False) -> dict:
     """Write run as a build-nanogpt or nanoGPT checkpoint file; returns {"out", "optimizer", "n_params"}."""
-    from flax_gpt import torch_ckpt
-
     torch_ckpt.require_torch()
     out = check_file_target(out, overwrite)
     if fmt == "build-nanogpt":
@@ -183,15 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="write into a non-empty directory that is not a previous export, or replace a .pt")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = parser.parse_args(argv)
-    from flax_gpt.load import load_model, load_run
 
     def export():
         if args.format == "hf":
             model = load_model(args.ckpt_dir)
             return model, save_pretrained(model, args.out_dir, overwrite=args.overwrite)
-        from flax_gpt.torch_ckpt import require_torch
-
-        require_torch()  # both before the (long) load
+        torch_ckpt.require_torch()  # both before the (long) load
         check_file_target(args.out_dir, args.overwrite)
         run = load_run(args.ckpt_dir)
         return run.model, save_torch_checkpoint(run, args.out_dir, args.format, overwrite=args.overwrite)

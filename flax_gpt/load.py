@@ -11,6 +11,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_gpt import torch_ckpt
+from flax_gpt.checkpoint import Checkpointer
 from flax_gpt.config import GPTConfig
 from flax_gpt.errors import UserError, first_line
 from flax_gpt.model import GPT
@@ -43,9 +49,7 @@ def load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> G
             raise UserError(f"{path} is neither a training run (an out dir with checkpoints/<step>/, or that "
                             "checkpoints dir) nor an HF GPT-2 directory (config.json + model.safetensors)")
     elif path.is_file():
-        from flax_gpt import torch_ckpt  # torch is imported only now
-
-        return torch_ckpt.load(path, **numerics)
+        return torch_ckpt.load(path, **numerics)  # imports torch, an optional dependency, only now
     return GPT.from_pretrained(str(init_from), **numerics)
 
 
@@ -63,8 +67,6 @@ class Run:
 def load_run(init_from: str | Path) -> Run:
     """The float32 GPT of load_model(init_from) with its run: a training run's latest readable step gives its
     step, settings, AdamW moments and val losses; any other source is a Run at step 0 with nothing else."""
-    from flax_gpt.checkpoint import Checkpointer
-
     path = Path(init_from).expanduser()
     ckpt_dir = _checkpoint_dir(path) if path.is_dir() else None
     if ckpt_dir is None:
@@ -90,10 +92,6 @@ def load_run(init_from: str | Path) -> Run:
 
 def _filler(config: GPTConfig, where: Path):
     """fill(raw) -> a GPT of config whose parameters are the leaves of raw (a restored tree in parameter order)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config)), nnx.Param)
     wanted, treedef = jax.tree.flatten(abstract)
 
@@ -143,11 +141,6 @@ def _checkpoint_dir(path: Path) -> Path | None:
 def load_checkpoint_model(ckpt_dir: Path, **numerics) -> GPT:
     """A GPT holding the latest parameters saved under ckpt_dir (an orbax checkpoints directory); numerics as in
     load_model, with dtype in GPTConfig's spelling."""
-    import jax
-    from flax import nnx
-
-    from flax_gpt.checkpoint import Checkpointer
-
     try:
         ckpt = Checkpointer(ckpt_dir, read_only=True)
         meta = ckpt.restore_meta()
@@ -182,8 +175,6 @@ def _run_config(meta, ckpt_dir: Path, **numerics) -> GPTConfig:
 
 def _default_device():
     """Where new arrays go: the device of an enclosing jax.default_device, else the first device."""
-    import jax
-
     device = jax.config.jax_default_device
     return jax.devices(device)[0] if isinstance(device, str) else device or jax.devices()[0]
 

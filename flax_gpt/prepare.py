@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Annotated
 
 import tyro
+from tqdm import tqdm
 
 from flax_gpt import sources as src
 from flax_gpt.errors import UserError, run_cli
@@ -109,8 +110,6 @@ def prepare(paths: list[Path], out: Path, settings: Settings = Settings(), *, ch
 def _stream(out: Path, sources: list[src.Source], settings: Settings, journal: dict, chunk_bytes: int,
             skip_bad: bool, workers: int, progress: bool | None) -> None:
     """Tokenize from the journal's resume point on, into shards; leaves the journal marked streamed."""
-    from tqdm import tqdm
-
     resume = journal.get("resume") or {"chunk": 0, "skip": 0, "counters": _zero_counters(len(sources))}
     counters = copy.deepcopy(resume["counters"])
     sink = ShardSink(out, settings, journal)
