@@ -4,8 +4,9 @@
     atomic_directory  a set of files: written into a temporary directory beside the target, which becomes the
                       target at once (a rename) or, when the target exists, hands it each file by a rename
 
-The temporary files are hidden, named after their target, and removed on any error: only a kill leaves one. Files written in pieces while others read the rest (a shard being filled, orbax's checkpoints) have
-their own writers: shards.NpyWriter, checkpoint.Checkpointer.
+The temporary files are hidden, named after their target, and removed on any error: only a kill leaves one.
+What is written in pieces over a long time has its own writer, atomic the same way: shards.NpyWriter (a shard
+filled chunk by chunk into `<shard>.tmp`, renamed on close) and orbax's checkpoints (checkpoint.Checkpointer).
 """
 
 from __future__ import annotations
