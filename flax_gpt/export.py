@@ -28,7 +28,7 @@ from flax_gpt import torch_ckpt
 from flax_gpt.errors import UserError, run_cli
 from flax_gpt.files import atomic_directory, atomic_write
 from flax_gpt.hf import config_to_hf, to_hf_state_dict
-from flax_gpt.load import Run, load_model, load_run
+from flax_gpt.load import TrainedModel, load_model, load_run
 from flax_gpt.model import GPT
 from flax_gpt.optim import OptimConfig
 
@@ -69,7 +69,7 @@ def save_pretrained(model: GPT, out_dir: str | Path, overwrite: bool = False) ->
             "n_params": int(sum(t.size for t in tensors.values()))}
 
 
-def save_torch_checkpoint(run: Run, out: str | Path, fmt: str, overwrite: bool = False) -> dict:
+def save_torch_checkpoint(run: TrainedModel, out: str | Path, fmt: str, overwrite: bool = False) -> dict:
     """Write run as a build-nanogpt or nanoGPT checkpoint file; returns {"out", "optimizer", "n_params"}."""
     torch_ckpt.require_torch()
     out = check_file_target(out, overwrite)

@@ -54,7 +54,7 @@ def load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> G
 
 
 @dataclasses.dataclass
-class Run:
+class TrainedModel:
     """A GPT and what its source knows of the run that trained it."""
 
     model: GPT
@@ -64,13 +64,13 @@ class Run:
     val_losses: dict[int, float] = dataclasses.field(default_factory=dict)  # by step, from the run's metrics.jsonl
 
 
-def load_run(init_from: str | Path) -> Run:
+def load_run(init_from: str | Path) -> TrainedModel:
     """The float32 GPT of load_model(init_from) with its run: a training run's latest readable step gives its
-    step, settings, AdamW moments and val losses; any other source is a Run at step 0 with nothing else."""
+    step, settings, AdamW moments and val losses; any other source is a TrainedModel at step 0 with nothing else."""
     path = Path(init_from).expanduser()
     ckpt_dir = _checkpoint_dir(path) if path.is_dir() else None
     if ckpt_dir is None:
-        return Run(load_model(init_from))
+        return TrainedModel(load_model(init_from))
     ckpt = None
     try:
         ckpt = Checkpointer(ckpt_dir, read_only=True)
@@ -85,7 +85,7 @@ def load_run(init_from: str | Path) -> Run:
     config = _run_config(meta, ckpt_dir)
     fill = _filler(config, ckpt_dir)
     adam = _adam_moments(tree.get("opt_state") if isinstance(tree, dict) else None)
-    return Run(fill(tree["params"]), step=int(meta["step"]), train_config=meta.get("train_config"),
+    return TrainedModel(fill(tree["params"]), step=int(meta["step"]), train_config=meta.get("train_config"),
                adam=(fill(adam["mu"]), fill(adam["nu"]), int(adam["count"])) if adam else None,
                val_losses=_val_losses(ckpt_dir.parent / "metrics.jsonl"))
 
