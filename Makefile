@@ -66,15 +66,15 @@ test-py312: $(VENV312)/.dev
 		--ignore=tests/test_original_checkpoints_cli.py; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-py312: pytest collected no tests"; exit 1; fi; exit $$rc
 
-# The metal extra resolved for macOS 14 on Apple silicon, as recorded in tests/metal_resolution.txt (offline): fails
+# The metal extra resolved for macOS 14 on Apple silicon, as recorded in .ci/metal_resolution.txt (offline): fails
 # without jax-mps and a jax it takes, or when pyproject.toml no longer admits a recorded pin.
 metal-resolve: $(VENV)/.full
-	$(PY) tests/check_metal_resolution.py
+	$(PY) .ci/metal_resolution.py
 
 # Resolve the metal extra again with uv against PyPI and record it (network; not part of make test or CI).
 .PHONY: metal-refresh
 metal-refresh: $(VENV)/.full
-	$(PY) tests/check_metal_resolution.py --refresh
+	$(PY) .ci/metal_resolution.py --refresh
 
 parity: $(VENV)/.full
 	$(PY) -m pytest -q -p no:cacheprovider parity_tests
@@ -111,7 +111,7 @@ gpu-wheels: $(VENV)/.core
 	rm -rf gpu_wheels && mv gpu_wheels.tmp gpu_wheels && du -sh gpu_wheels
 
 lint: $(VENV)/.full
-	$(PY) -m ruff check flax_gpt torch_ref parity_tests tests benchmarks train.py
+	$(PY) -m ruff check flax_gpt torch_ref parity_tests tests benchmarks train.py .ci
 
 clean:
 	rm -rf $(VENV) $(VENV312) .pytest_cache
