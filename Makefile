@@ -58,12 +58,13 @@ $(VENV312)/.dev: pyproject.toml
 	$(VENV312)/bin/python -c "import importlib.util as u; assert not u.find_spec('torch'), 'torch in $(VENV312)'"
 	touch $@
 
-# Every test not marked torch, on Python 3.12 (the torch ones run in `make test`). parity_tests/ and
-# test_original_checkpoints_cli.py import torch at the top, so they are left out of collection as well.
+# Every test not marked torch, on Python 3.12 (the torch ones run in `make test`). parity_tests/,
+# test_original_checkpoints_cli.py and test_bad_checkpoints.py import torch at the top, so they are left out of
+# collection as well.
 test-py312: $(VENV312)/.dev
 	$(VENV312)/bin/python -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
 	$(VENV312)/bin/python -m pytest -q -p no:cacheprovider -m "not torch and not cuda_aot" tests \
-		--ignore=tests/test_original_checkpoints_cli.py; rc=$$?; \
+		--ignore=tests/test_original_checkpoints_cli.py --ignore=tests/test_bad_checkpoints.py; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-py312: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # The metal extra resolved for macOS 14 on Apple silicon, as recorded in .ci/metal_resolution.txt (offline): fails
