@@ -102,8 +102,8 @@ def generate(model: GPT, idx, max_new_tokens: int, *, temperature: float = 1.0,
     """Continue prompts idx (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens) ids.
 
     The tokens of `stream`: a jitted step per token with the cache donated, which updates the cache in place;
-    one program scanning over the tokens carries the cache through its loop and was slower on CPU (gpt2, fp32:
-    25.4 against 29.1 new tokens/s).
+    one program scanning over the tokens carries the cache through its loop and was slower on CPU (gpt2: 25.4
+    against 29.1 new tokens/s).
     """
     new = np.stack(list(stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed)), axis=1)  # (B, max_new_tokens)
