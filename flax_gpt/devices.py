@@ -9,7 +9,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 
+import jax
+
+from flax_gpt.data import cache_dir
 from flax_gpt.errors import UserError
+from flax_gpt.sharding import initialize_distributed
 
 JAX_PLATFORM = {"cuda": "cuda", "metal": "mps", "cpu": "cpu"}  # --device -> the platform's name in JAX
 METAL_INSTALL = ("--device metal needs the jax-mps plugin (Apple silicon, macOS 14+, Python 3.11+): "
@@ -40,8 +44,6 @@ def capabilities(platform: str) -> Capabilities:
 
 def current_platform() -> str:
     """The platform of JAX's default devices (cpu, gpu for CUDA, mps for Apple GPUs)."""
-    import jax
-
     return jax.devices()[0].platform
 
 
@@ -59,17 +61,14 @@ def select_device(device: str) -> str:
 
     auto is JAX's own choice: a CUDA GPU, else Apple's GPU when jax-mps is installed (plugins rank above the
     CPU), else the CPU. The CPU backend stays available beside an accelerator (loaded weights wait there).
+    jax_platforms still takes effect after `import jax`: JAX starts its backends when devices are first asked for.
     """
-    import jax
-
     if device not in ("auto", *JAX_PLATFORM):
         raise UserError(f"--device must be auto, cuda, metal or cpu, got {device!r}")
     if device == "metal" and not has_metal_plugin():
         raise UserError(METAL_INSTALL)
     if device != "auto":
         jax.config.update("jax_platforms", "cpu" if device == "cpu" else f"{JAX_PLATFORM[device]},cpu")
-    from flax_gpt.sharding import initialize_distributed
-
     initialize_distributed()  # before anything asks for devices; a no-op for a single process
     try:
         return current_platform()
@@ -94,8 +93,6 @@ BF16_COMPUTE_CAPABILITY = 8.0  # Ampere: the first NVIDIA GPUs with bf16 tensor 
 
 def gpu_compute_capability(devices=None) -> float:
     """The lowest CUDA compute capability of the GPUs (default: this process's), e.g. 7.5 for a T4."""
-    import jax
-
     return min(float(d.compute_capability) for d in devices or jax.local_devices())
 
 
@@ -127,10 +124,6 @@ def enable_compile_cache() -> None:
 
     JAX_COMPILATION_CACHE_DIR, when set, wins; an unwritable cache directory only means compiling every time.
     """
-    import jax
-
-    from flax_gpt.data import cache_dir
-
     if jax.config.jax_compilation_cache_dir:
         return
     xla_cache = cache_dir() / "xla"
@@ -143,8 +136,6 @@ def enable_compile_cache() -> None:
 
 def host_device():
     """A CPU device of this process, where loaded weights wait (None if JAX runs without its CPU backend)."""
-    import jax
-
     try:
         return jax.local_devices(backend="cpu")[0]
     except RuntimeError:

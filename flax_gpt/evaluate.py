@@ -27,9 +27,20 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import tyro
+from flax import nnx
 
+from flax_gpt import devices
 from flax_gpt.errors import UserError, run_cli
+from flax_gpt.files import atomic_write
+from flax_gpt.load import load_model
+from flax_gpt.ops import token_cross_entropy
+from flax_gpt.shards import open_token_dir
+from flax_gpt.tokenize_chunks import tokenize_paths
+from flax_gpt.tokenizer import get_encoding
 
 N_ENDINGS = 4
 
@@ -56,9 +67,6 @@ class EvalConfig:
 def read_tokens(path: str | Path):
     """The tokens to measure: a token shard directory's val split (memory-mapped), else (N,) int32 GPT-2 tokens of
     a text / JSON Lines / Parquet file or directory, each document starting with <|endoftext|>."""
-    from flax_gpt.prepare import tokenize_paths
-    from flax_gpt.shards import open_token_dir
-
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"--data {path}: no such file")
@@ -74,12 +82,6 @@ def windows(tokens: np.ndarray, seq_len: int) -> list[tuple[int, int]]:
 
 def make_loss_step(model):
     """A jitted step(params, x, y, mask) -> (sum of token losses, number of tokens) of a (B, T) batch."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from flax_gpt.ops import token_cross_entropy
-
     graphdef, _ = nnx.split(model)
 
     @jax.jit
@@ -94,8 +96,6 @@ def make_loss_step(model):
 def evaluate_loss(model, tokens: np.ndarray, batch_size: int = 8, seq_len: int | None = None,
                   max_batches: int | None = None) -> dict:
     """Mean next-token loss and perplexity of model over tokens; see the module docstring."""
-    from flax import nnx
-
     T = model.config.block_size if seq_len is None else seq_len
     if batch_size < 1 or T < 1:
         raise UserError(f"--batch-size and --seq-len must be >= 1, got {batch_size} and {T}")
@@ -184,8 +184,6 @@ def render_example(example: Mapping, block_size: int, enc=None, where: str = "ex
     Rows are right-padded with 0 to the longest; a context too long for block_size loses
     tokens from its left, the same number in every row.
     """
-    from flax_gpt.tokenizer import get_encoding
-
     enc = enc or get_encoding()
     ctx_tokens = enc.encode_ordinary(example["ctx"])
     if not ctx_tokens:
@@ -213,9 +211,6 @@ def make_hellaswag_step(graphdef, ending_len: int, params_sharding=None, rows_sh
     ending_len: the most ending tokens of any row (ending_length). With shardings (train.py on several devices)
     the rows are split over the devices like the val batches and both outputs come back whole on every device.
     """
-    import jax
-    from flax import nnx
-
     shardings = {}
     if params_sharding is not None:
         replicated = jax.sharding.NamedSharding(rows_sharding.mesh, jax.sharding.PartitionSpec())
@@ -237,10 +232,6 @@ def ending_losses(lm_head, x, tokens, mask, ending_len: int):
     Logits only where they predict an ending token: the ending_len positions from the one before each row's
     ending (the lm_head is a third of a GPT-2 forward pass; over the contexts it would be wasted).
     """
-    import jax.numpy as jnp
-
-    from flax_gpt.ops import token_cross_entropy
-
     L = tokens.shape[1]
     first = jnp.maximum(jnp.argmax(mask, axis=1) - 1, 0)  # (R,) the position that predicts the ending's first token
     pos = jnp.minimum(first[:, None] + jnp.arange(ending_len), L - 2)  # (R, K)
@@ -283,9 +274,6 @@ def score_batches(step, params, batches, labels: np.ndarray, to_device=None) -> 
 
     to_device(rows) puts this process's (E*4, L) rows where the step wants them (default: jnp.asarray).
     """
-    import jax
-    import jax.numpy as jnp
-
     to_device = to_device or jnp.asarray
     outputs = [step(params, to_device(tokens), to_device(mask)) for tokens, mask in batches]  # all queued first
     sums, counts = (np.concatenate([np.asarray(o[i], np.float64) for o in jax.device_get(outputs)]) for i in (0, 1))
@@ -303,10 +291,6 @@ def score_hellaswag(model, examples: Iterable[Mapping], examples_per_batch: int 
 
     examples: dicts with ctx (or ctx_a, ctx_b), endings (4 strings) and label.
     """
-    from flax import nnx
-
-    from flax_gpt.tokenizer import get_encoding
-
     examples = [normalize_example(e, f"example {i}") for i, e in enumerate(examples)]
     if not examples:
         raise UserError("no HellaSwag examples to score")
@@ -330,8 +314,6 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.hellaswag is not None:
         examples = read_hellaswag(cfg.hellaswag)
 
-    from flax_gpt import devices
-    from flax_gpt.load import load_model
     devices.enable_compile_cache()
     dtype, numerics = devices.model_numerics(cfg.dtype, cfg.attention)
     model = load_model(cfg.init_from, dtype, **numerics)
@@ -347,7 +329,7 @@ def run(cfg: EvalConfig) -> dict:
         results["hellaswag"] = {"path": cfg.hellaswag, **scores}
     if cfg.json is not None:
         try:
-            Path(cfg.json).expanduser().write_text(json.dumps(results, indent=2) + "\n")
+            atomic_write(Path(cfg.json).expanduser(), json.dumps(results, indent=2) + "\n")
         except OSError as e:
             raise UserError(f"--json {cfg.json}: cannot write ({e.strerror or e})") from None
     return results
@@ -372,8 +354,6 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tyro
-
     argv = sys.argv[1:] if argv is None else argv
     cfg = tyro.cli(EvalConfig, args=argv, description=__doc__, prog="python -m flax_gpt.evaluate")
     results, code = run_cli(lambda: run(cfg), cfg.debug)

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from flax_gpt import torch_ckpt
 from flax_gpt.errors import UserError, run_cli
+from flax_gpt.files import atomic_directory, atomic_write
 from flax_gpt.hf import config_to_hf, to_hf_state_dict
-from flax_gpt.load import Run
+from flax_gpt.load import TrainedModel, load_model, load_run
 from flax_gpt.model import GPT
 from flax_gpt.optim import OptimConfig
 
@@ -52,36 +51,26 @@ def save_pretrained(model: GPT, out_dir: str | Path, overwrite: bool = False) ->
     if hf_config["eos_token_id"] >= model.config.vocab_size:  # not GPT-2's vocabulary: no <|endoftext|> id
         hf_config.update(bos_token_id=None, eos_token_id=None)
     created = _make_parents(out_dir.parent)
-    tmp = None
+    done = False
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        _write_safetensors(tensors, tmp / "model.safetensors")
-        _write_json(tmp / "generation_config.json", _generation_config(hf_config))
-        _write_json(tmp / "config.json", hf_config)
-        if out_dir.exists():
-            for name in EXPORT_FILES:  # each replace is atomic: a reader sees the old or the new file
-                os.replace(tmp / name, out_dir / name)
-            if overwrite:
-                _remove_stale_weights(out_dir)
-            tmp.rmdir()
-        else:
-            os.rename(tmp, out_dir)  # the whole directory appears at once
-        tmp = None
+        with atomic_directory(out_dir, EXPORT_FILES) as tmp:  # a reader sees the old or the new file of each name
+            _write_safetensors(tensors, tmp / "model.safetensors")
+            _write_json(tmp / "generation_config.json", _generation_config(hf_config))
+            _write_json(tmp / "config.json", hf_config)
+        if overwrite:
+            _remove_stale_weights(out_dir)
+        done = True
     except OSError as e:
         raise UserError(f"cannot write the export to {out_dir}: {e.strerror or e}") from e
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not out_dir.exists():
-                _remove_empty(created)
+        if not done and not out_dir.exists():
+            _remove_empty(created)
     return {"out_dir": str(out_dir), "files": list(EXPORT_FILES),
             "n_params": int(sum(t.size for t in tensors.values()))}
 
 
-def save_torch_checkpoint(run: Run, out: str | Path, fmt: str, overwrite: bool = False) -> dict:
+def save_torch_checkpoint(run: TrainedModel, out: str | Path, fmt: str, overwrite: bool = False) -> dict:
     """Write run as a build-nanogpt or nanoGPT checkpoint file; returns {"out", "optimizer", "n_params"}."""
-    from flax_gpt import torch_ckpt
-
     torch_ckpt.require_torch()
     out = check_file_target(out, overwrite)
     if fmt == "build-nanogpt":
@@ -91,20 +80,14 @@ def save_torch_checkpoint(run: Run, out: str | Path, fmt: str, overwrite: bool =
         ckpt = torch_ckpt.nanogpt_checkpoint(run.model, run.step, best, _optim_config(run.train_config), run.adam)
         optimizer = f"AdamW moments of step {run.step}" if run.adam else "empty AdamW state (fresh moments)"
     created = _make_parents(out.parent)
-    tmp = None
+    done = False
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch_ckpt.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)  # a reader sees the old file or the new one, never a cut one
-        tmp = None
+        atomic_write(out, lambda f: torch_ckpt.save(ckpt, f))  # a reader sees the old file or the new one
+        done = True
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        if not done:
             _remove_empty(created)
     n_params = sum(t.numel() for k, t in ckpt["model"].items() if k != "lm_head.weight")
     return {"out": str(out), "optimizer": optimizer, "n_params": n_params}
@@ -141,17 +124,10 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 
 def _write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})  # transformers expects format=pt
-    _fsync(path)
 
 
 def _write_json(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _generation_config(hf_config: dict) -> dict:
@@ -206,15 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="write into a non-empty directory that is not a previous export, or replace a .pt")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = parser.parse_args(argv)
-    from flax_gpt.load import load_model, load_run
 
     def export():
         if args.format == "hf":
             model = load_model(args.ckpt_dir)
             return model, save_pretrained(model, args.out_dir, overwrite=args.overwrite)
-        from flax_gpt.torch_ckpt import require_torch
-
-        require_torch()  # both before the (long) load
+        torch_ckpt.require_torch()  # both before the (long) load
         check_file_target(args.out_dir, args.overwrite)
         run = load_run(args.ckpt_dir)
         return run.model, save_torch_checkpoint(run, args.out_dir, args.format, overwrite=args.overwrite)

@@ -109,16 +109,17 @@ def resolve(name_or_path: str | Path) -> Path:
 
 def _download(repo_id: str) -> Path:
     """Snapshot of a hub repo's config and weights (safetensors preferred), honouring HF_HUB_OFFLINE."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    # here, not at the top: huggingface_hub reads HF_HUB_OFFLINE on its first import, so a process that sets it after
+    # importing flax_gpt (a test, a notebook) is honoured
+    from huggingface_hub import errors as hub_errors, snapshot_download
 
     try:
         local = Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
         if not list(local.glob("*.safetensors")):
             local = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model*.bin", "*.bin.index.json"]))
-    except (RepositoryNotFoundError, HFValidationError):
+    except (hub_errors.RepositoryNotFoundError, hub_errors.HFValidationError):
         raise CheckpointError(f"{repo_id!r} is neither a local directory nor a model on the HF hub (try one of {', '.join(HUB_IDS)})") from None
-    except (LocalEntryNotFoundError, OSError) as e:
+    except (hub_errors.LocalEntryNotFoundError, OSError) as e:
         raise CheckpointError(f"cannot fetch {repo_id!r} from the HF hub and it is not in the HF cache "
                               f"(offline?): {type(e).__name__}; pass a local directory instead") from None
     return resolve(local)
@@ -192,7 +193,7 @@ class TensorReader:
             self._add(key, shape, lambda out, f=f, e=entry, d=dtype, s=shape: _read_into(f, data_start, e, d, s, out))
 
     def _open_bin(self, f: Path):
-        import torch  # only to read a .bin
+        import torch  # an optional dependency, only to read a .bin
 
         state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         for key, t in state.items():

@@ -37,7 +37,8 @@ def glibc() -> ctypes.CDLL | None:
 def keep_freed_memory() -> bool:
     """glibc only: one arena, no mmap for big blocks, no trimming, so freed blocks are reused in place.
 
-    Steps then fault no pages in and run faster on the CPU (BENCHMARKS.md, change 15). The cost is host
+    Steps then fault no pages in and run faster on the CPU (measured: a gpt2 bf16 step at B=4, T=256 went from
+    2.10 to 1.57 s; XLA's 1.9 GB temp buffer had been mapped and faulted in afresh every step). The cost is host
     memory: what one phase frees (eval, sampling, checkpointing) stays with the process, so a run's peak RSS
     is higher. Only worth it when XLA computes on the CPU. Call it before JAX starts its threads; True if applied.
     """

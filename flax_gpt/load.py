@@ -11,6 +11,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_gpt import torch_ckpt
+from flax_gpt.checkpoint import Checkpointer
 from flax_gpt.config import GPTConfig
 from flax_gpt.errors import UserError, first_line
 from flax_gpt.model import GPT
@@ -43,14 +49,12 @@ def load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> G
             raise UserError(f"{path} is neither a training run (an out dir with checkpoints/<step>/, or that "
                             "checkpoints dir) nor an HF GPT-2 directory (config.json + model.safetensors)")
     elif path.is_file():
-        from flax_gpt import torch_ckpt  # torch is imported only now
-
-        return torch_ckpt.load(path, **numerics)
+        return torch_ckpt.load(path, **numerics)  # imports torch, an optional dependency, only now
     return GPT.from_pretrained(str(init_from), **numerics)
 
 
 @dataclasses.dataclass
-class Run:
+class TrainedModel:
     """A GPT and what its source knows of the run that trained it."""
 
     model: GPT
@@ -60,15 +64,13 @@ class Run:
     val_losses: dict[int, float] = dataclasses.field(default_factory=dict)  # by step, from the run's metrics.jsonl
 
 
-def load_run(init_from: str | Path) -> Run:
+def load_run(init_from: str | Path) -> TrainedModel:
     """The float32 GPT of load_model(init_from) with its run: a training run's latest readable step gives its
-    step, settings, AdamW moments and val losses; any other source is a Run at step 0 with nothing else."""
-    from flax_gpt.checkpoint import Checkpointer
-
+    step, settings, AdamW moments and val losses; any other source is a TrainedModel at step 0 with nothing else."""
     path = Path(init_from).expanduser()
     ckpt_dir = _checkpoint_dir(path) if path.is_dir() else None
     if ckpt_dir is None:
-        return Run(load_model(init_from))
+        return TrainedModel(load_model(init_from))
     ckpt = None
     try:
         ckpt = Checkpointer(ckpt_dir, read_only=True)
@@ -83,17 +85,13 @@ def load_run(init_from: str | Path) -> Run:
     config = _run_config(meta, ckpt_dir)
     fill = _filler(config, ckpt_dir)
     adam = _adam_moments(tree.get("opt_state") if isinstance(tree, dict) else None)
-    return Run(fill(tree["params"]), step=int(meta["step"]), train_config=meta.get("train_config"),
+    return TrainedModel(fill(tree["params"]), step=int(meta["step"]), train_config=meta.get("train_config"),
                adam=(fill(adam["mu"]), fill(adam["nu"]), int(adam["count"])) if adam else None,
                val_losses=_val_losses(ckpt_dir.parent / "metrics.jsonl"))
 
 
 def _filler(config: GPTConfig, where: Path):
     """fill(raw) -> a GPT of config whose parameters are the leaves of raw (a restored tree in parameter order)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config)), nnx.Param)
     wanted, treedef = jax.tree.flatten(abstract)
 
@@ -143,11 +141,6 @@ def _checkpoint_dir(path: Path) -> Path | None:
 def load_checkpoint_model(ckpt_dir: Path, **numerics) -> GPT:
     """A GPT holding the latest parameters saved under ckpt_dir (an orbax checkpoints directory); numerics as in
     load_model, with dtype in GPTConfig's spelling."""
-    import jax
-    from flax import nnx
-
-    from flax_gpt.checkpoint import Checkpointer
-
     try:
         ckpt = Checkpointer(ckpt_dir, read_only=True)
         meta = ckpt.restore_meta()
@@ -182,8 +175,6 @@ def _run_config(meta, ckpt_dir: Path, **numerics) -> GPTConfig:
 
 def _default_device():
     """Where new arrays go: the device of an enclosing jax.default_device, else the first device."""
-    import jax
-
     device = jax.config.jax_default_device
     return jax.devices(device)[0] if isinstance(device, str) else device or jax.devices()[0]
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flax_gpt.config import GPTConfig
+from flax_gpt.files import atomic_write
+from flax_gpt.model import matmul as model_matmul  # bf16: bf16 x bf16 -> f32, the fast kernels
 
 # Dense bf16 datasheet peaks (FLOP/s, no sparsity, float32 accumulation) by the exact `device_kind` JAX reports,
 # which is the CUDA device name (what nvidia-smi shows). A kind not listed gets no MFU: a near name can be another
@@ -51,11 +54,6 @@ def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
 def measured_matmul_peak(dtype: str = "float32", devices=None, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a jitted n x n matmul split by rows over `devices` (default: the first), done as the model does
     it in `dtype`: the practical peak of those devices together (forced CPU devices share the same cores)."""
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from flax_gpt.model import matmul as model_matmul  # bf16: bf16 x bf16 -> f32, the fast kernels
-
     devices = list(devices or jax.devices()[:1])
     rows = n // len(devices) * len(devices)
     mesh = Mesh(np.array(devices), ("rows",))
@@ -118,9 +116,7 @@ class MetricsLog:
             path.write_text("")
         elif path.exists():  # a killed run may have left half a line at the end: it goes with the redone steps
             kept = [line for line in path.read_text().splitlines() if _step_of(line) < resume_from_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)  # a crash now leaves the old file or the new one, never a cut one
+            atomic_write(path, "".join(line + "\n" for line in kept))  # a crash leaves the old file or the new one
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -14,10 +14,13 @@ import json
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import tyro
+from matplotlib.figure import Figure
 
 from flax_gpt.errors import UserError, run_cli
+from flax_gpt.files import atomic_write
 
 # (metrics.jsonl key, panel title, y label)
 PANELS = (
@@ -27,16 +30,6 @@ PANELS = (
     ("tokens_per_s", "throughput", "tokens/s"),
     ("hellaswag_acc_norm", "HellaSwag acc_norm", "accuracy"),
 )
-
-
-def _pyplot():
-    """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +46,8 @@ def running(values: np.ndarray, k: int, how=np.mean) -> np.ndarray:
 
 def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
     """Train loss (raw and smoothed) and val loss against step, saved as a PNG."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig = Figure(figsize=(7, 4.2), dpi=110)  # no pyplot: no GUI backend, no global figure state
+    ax = fig.subplots()
     _loss_panel(ax, records, "tab:blue", "tab:orange", "")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss (nats)")
@@ -62,8 +55,12 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    """fig as the image file path (its format from the suffix, PNG without one), written whole."""
+    atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:] or None))
 
 
 def _loss_panel(ax, records: list[dict], color: str, val_color: str, name: str) -> None:
@@ -94,14 +91,14 @@ def plot_runs(runs: dict[str, list[dict]], path: Path, title: str = "") -> list[
 
     Returns the titles of the panels drawn.
     """
-    plt = _pyplot()
     panels = panels_of(runs)
     if not panels:
         raise UserError(f"nothing to plot: no train loss, val loss or other metric in {', '.join(runs)}")
     cols = 1 if len(panels) == 1 else 2
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.4 * rows), dpi=100, squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(6.2 * cols, 3.4 * rows), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, panel_title, ylabel) in zip(axes.flat, panels):
         for i, (name, records) in enumerate(runs.items()):
             color = colors[i % len(colors)]
@@ -120,8 +117,7 @@ def plot_runs(runs: dict[str, list[dict]], path: Path, title: str = "") -> list[
         ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return [p[1] for p in panels]
 
 

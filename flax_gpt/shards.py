@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -117,20 +116,6 @@ class NpyWriter:
 def _npy_header(f, n: int) -> None:
     np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(TOKEN_DTYPE).str, "fortran_order": False,
                                              "shape": (n,)})
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write data to path via a temp file + os.replace: no reader ever sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def npy_tokens(path: Path) -> np.ndarray:

@@ -166,6 +166,31 @@ def save_checkpoint(hf_model, directory: str | Path, layout: str) -> Path:
     return directory
 
 
+_models: dict[str, torch.nn.Module] = {}
+
+
+def get_hf_model(shape_name: str):
+    """The process's random HF model of the named shape (built once, shared: do not modify it)."""
+    if shape_name not in _models:
+        _models[shape_name] = make_hf_model(SHAPES_BY_NAME[shape_name])
+    return _models[shape_name]
+
+
+def checkpoint_dirs(tmp_path_factory):
+    """make(layout, shape_name="tiny") -> Path of a directory holding that shape's get_hf_model saved in `layout`,
+    written once per tmp_path_factory (treat as read-only: copy_checkpoint to modify). The checkpoint_dir fixture."""
+    cache = {}
+
+    def make(layout: str, shape_name: str = "tiny"):
+        key = (layout, shape_name)
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(f"ckpt-{shape_name}-{layout}")
+            cache[key] = save_checkpoint(get_hf_model(shape_name), directory, layout)
+        return cache[key]
+
+    return make
+
+
 class RunsCode:
     """Unpickling this creates `marker`: proof that a loader ran code from the file."""
 

@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from parity_tests.checkpoints import SHAPES, SHAPES_BY_NAME, make_hf_model, save_checkpoint  # noqa: E402
+from parity_tests.checkpoints import SHAPES, checkpoint_dirs, get_hf_model  # noqa: E402
 
 # One intra-op thread: these models are tiny, and on this workplace's 2-core machines two threads
 # made small ops ~100x slower (measured: an (8, 48) @ (48, 48) matmul 8 us -> 1.1 ms, a tiny
@@ -36,8 +36,6 @@ def _quiet_transformers():
 
 _quiet_transformers()
 
-_models: dict[str, torch.nn.Module] = {}
-
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
@@ -46,13 +44,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.is_relative_to(here):
             item.add_marker(pytest.mark.torch)
-
-
-def get_hf_model(shape_name: str):
-    """The session's random HF model of the named shape (built once)."""
-    if shape_name not in _models:
-        _models[shape_name] = make_hf_model(SHAPES_BY_NAME[shape_name])
-    return _models[shape_name]
 
 
 @pytest.fixture(scope="session", params=SHAPES, ids=[s.name for s in SHAPES])
@@ -67,13 +58,4 @@ def hf_model(shape):
 
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory):
-    cache = {}
-
-    def make(layout: str, shape_name: str = "tiny"):
-        key = (layout, shape_name)
-        if key not in cache:
-            directory = tmp_path_factory.mktemp(f"ckpt-{shape_name}-{layout}")
-            cache[key] = save_checkpoint(get_hf_model(shape_name), directory, layout)
-        return cache[key]
-
-    return make
+    return checkpoint_dirs(tmp_path_factory)

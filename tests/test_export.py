@@ -21,7 +21,7 @@ from safetensors import safe_open  # noqa: E402
 from flax_gpt import export, torch_ckpt  # noqa: E402
 from flax_gpt.config import preset  # noqa: E402
 from flax_gpt.errors import UserError  # noqa: E402
-from flax_gpt.load import Run, load_model  # noqa: E402
+from flax_gpt.load import TrainedModel, load_model  # noqa: E402
 from flax_gpt.model import GPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,11 +294,11 @@ def test_a_failed_pt_export_leaves_nothing_behind(odd_model, tmp_path, monkeypat
 
     monkeypatch.setattr(torch_ckpt, "save", half_write)
     with pytest.raises(UserError, match="No space left on device"):
-        export.save_torch_checkpoint(Run(odd_model), tmp_path / "new" / "ckpt.pt", "nanogpt")
+        export.save_torch_checkpoint(TrainedModel(odd_model), tmp_path / "new" / "ckpt.pt", "nanogpt")
     assert list(tmp_path.iterdir()) == []  # neither the temporary file nor the parent it made
     (tmp_path / "ckpt.pt").write_bytes(b"previous")
     with pytest.raises(UserError):
-        export.save_torch_checkpoint(Run(odd_model), tmp_path / "ckpt.pt", "build-nanogpt", overwrite=True)
+        export.save_torch_checkpoint(TrainedModel(odd_model), tmp_path / "ckpt.pt", "build-nanogpt", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"] and (tmp_path / "ckpt.pt").read_bytes() == b"previous"
 
 

@@ -1,11 +1,16 @@
-"""tests/check_metal_resolution.py offline: the recorded resolution of the metal extra against pyproject.toml."""
+""".ci/metal_resolution.py offline: the recorded resolution of the metal extra against pyproject.toml."""
 
+import importlib.util
 import tomllib
+from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 
-import check_metal_resolution as metal
+SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "metal_resolution.py"  # a script (`make metal-resolve`)
+_spec = importlib.util.spec_from_file_location("metal_resolution", SCRIPT)
+metal = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(metal)
 
 PYPROJECT = tomllib.loads((metal.ROOT / "pyproject.toml").read_text())
 JAX_RANGE = Requirement("jax>=0.6,<0.11")

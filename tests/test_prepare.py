@@ -327,7 +327,7 @@ def test_an_interrupted_run_resumes_after_its_finished_shards(tmp_path, monkeypa
 
 KILL_AFTER = r"""
 import os, signal, sys
-from flax_gpt import prepare
+from flax_gpt import prepare, shard_writer
 where, at, *argv = sys.argv[1:]
 at = int(at)
 if where == "shard":  # SIGKILL right after the at-th shard is committed
@@ -338,14 +338,14 @@ if where == "shard":  # SIGKILL right after the at-th shard is committed
             os.kill(os.getpid(), signal.SIGKILL)
     prepare.ShardSink._close = close_then_die
 else:  # SIGKILL in the val carve, after `at` token copies
-    copy = prepare._copy_tokens
+    copy = shard_writer._copy_tokens
     calls = [0]
     def copy_then_die(*a):
         copy(*a)
         calls[0] += 1
         if calls[0] == at:
             os.kill(os.getpid(), signal.SIGKILL)
-    prepare._copy_tokens = copy_then_die
+    shard_writer._copy_tokens = copy_then_die
 sys.exit(prepare.main(argv))
 """
 

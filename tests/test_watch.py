@@ -30,7 +30,7 @@ class Settings:
     mode = "fake"
 
 
-class Run:
+class FakeWandbRun:
     settings = Settings()
 
     def __init__(self, **kwargs):
@@ -48,7 +48,7 @@ class Run:
 
 
 def init(**kwargs):
-    return Run(**kwargs)
+    return FakeWandbRun(**kwargs)
 '''
 
 

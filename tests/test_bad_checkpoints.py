@@ -1,15 +1,30 @@
 """Each broken HF checkpoint or .pt file fails with a CheckpointError that names the problem; none runs code."""
 
 import json
+import os
 import shutil
 
 import pytest
 
-from flax_gpt import GPT, torch_ckpt
-from flax_gpt.hf import CheckpointError
-from flax_gpt.load import load_model
-from parity_tests.checkpoints import (RunsCode, copy_checkpoint, make_hf_model, save_build_nanogpt, save_nanogpt,
-                                      torch_ref_model)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from flax_gpt import GPT, torch_ckpt  # noqa: E402
+from flax_gpt.hf import CheckpointError  # noqa: E402
+from flax_gpt.load import load_model  # noqa: E402
+from parity_tests.checkpoints import (RunsCode, checkpoint_dirs, copy_checkpoint, make_hf_model,  # noqa: E402
+                                      save_build_nanogpt, save_nanogpt, torch_ref_model)
+
+pytestmark = pytest.mark.torch  # torch and transformers build and write every checkpoint here
+torch.set_num_threads(1)  # tiny models: as parity_tests/conftest.py, one intra-op thread (two were far slower here)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    """checkpoint_dir(layout) -> a directory of the tiny shape's model in that layout, as in parity_tests."""
+    return checkpoint_dirs(tmp_path_factory)
 
 EXPECTED = {
     "missing-key": r"missing 1 tensor\(s\): h\.0\.mlp\.c_fc\.bias",

@@ -1,4 +1,4 @@
-"""Prove a CUDA GPU in one command: `make gpu-check` (or `python benchmarks/gpu_check.py --out gpu_check.json`).
+"""Prove a CUDA GPU in one command: `make gpu-check` (or `python parity_tests/gpu_check.py --out gpu_check.json`).
 
 Five stages, each in its own process, each writing its result into the results file as it finishes (a run cut
 short keeps what it measured):

@@ -1,9 +1,9 @@
 """The `metal` extra resolved for macOS 14 on Apple silicon: it must hold jax-mps and a jax that jax-mps accepts.
 
-    python tests/check_metal_resolution.py            # `make metal-resolve` (in `make test`): offline
-    python tests/check_metal_resolution.py --refresh  # `make metal-refresh`: resolve again with uv, needs PyPI
+    python .ci/metal_resolution.py            # `make metal-resolve` (in `make test`): offline
+    python .ci/metal_resolution.py --refresh  # `make metal-refresh`: resolve again with uv, needs PyPI
 
-The resolution is recorded in tests/metal_resolution.txt, so `make test` needs no network: a new release
+The resolution is recorded in .ci/metal_resolution.txt, so `make test` needs no network: a new release
 inside the ranges, or a registry outage, changes nothing until someone refreshes. Offline it checks the
 recording against pyproject.toml as it is now: every requirement that applies on macOS 14 arm64 (the metal extra
 included) is pinned there at a version the requirement admits, and jax pairs with jax-mps. uv judges the
@@ -46,7 +46,7 @@ def record(resolutions: dict[str, str]) -> str:
     """The text of metal_resolution.txt: a header, then `[python X.Y]` and its pinned lines for each Python."""
     head = (f"# The metal extra of pyproject.toml for macOS 14 arm64, resolved by `{REFRESH}` (uv, PyPI) on "
             f"{datetime.date.today().isoformat()};\n# `make metal-resolve` checks it offline "
-            "(tests/check_metal_resolution.py).\n")
+            "(.ci/metal_resolution.py).\n")
     return head + "".join(f"[python {py}]\n{text.strip()}\n" for py, text in resolutions.items())
 
 
