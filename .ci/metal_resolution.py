@@ -8,7 +8,7 @@ inside the ranges, or a registry outage, changes nothing until someone refreshes
 recording against pyproject.toml as it is now: every requirement that applies on macOS 14 arm64 (the metal extra
 included) is pinned there at a version the requirement admits, and jax pairs with jax-mps. uv judges the
 extra's environment markers for the target platform (pip's --platform judges them for this machine, where the
-darwin-only requirement resolves to nothing). Resolving is not running: see README.
+darwin-only requirement resolves to nothing). Resolving is not running: see docs/apple.md.
 """
 
 from __future__ import annotations

@@ -238,7 +238,7 @@ def cpu_model() -> str:
 
 
 def markdown(results: dict) -> str:
-    """The rows of a results file as README's table."""
+    """The rows of a results file as the table of docs/gpus.md."""
     GiB = 2**30
     lines = ["| target | program | attention | remat | dtype | micro batch x accum | peak GiB (of) | fits with 10% |"
              " TFLOP | GB accessed | roofline ms | MFU at roofline | compile s |",

@@ -6,7 +6,7 @@
 Each example: a line of the val text as the context, the line after it and three other lines of the val text
 as the endings (in a random order), the next line's index as the label. A model that never saw the val text
 scores 1/4 by chance and more as it learns the corpus's language; HellaSwag itself is not reachable offline,
-this is the same scoring on text at hand (the README's overlay picture uses it).
+this is the same scoring on text at hand (the overlay picture of docs/training.md uses it).
 """
 
 import argparse

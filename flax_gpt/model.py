@@ -207,7 +207,7 @@ class GPT(nnx.Module):
 
     def padded_logits(self, x):
         """Logits over all Vp rows of wte, -inf in the padding columns: (B, T, C) -> (B, T, Vp) float32. A multiple
-        of 64 rows is what the kernels are fast at (BENCHMARKS.md, change 6); -inf drops out of every softmax."""
+        of 64 rows is what the kernels are fast at (lm_head + loss on CPU, bf16: 1263 -> 827 ms); -inf drops out of every softmax."""
         c = self.config
         return tied_logits(x, self.wte.embedding[...], c.vocab_size, c.dtype, c.matmul_output)  # (B, T, Vp)
 

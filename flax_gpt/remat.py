@@ -5,8 +5,8 @@ Its forward pass walks the model as GPT.trunk does (GPT.embed, the blocks of GPT
 each block's input: tests/test_train_step.py fails when the two walks diverge. Autodiff of GPT.loss with remat
 (GPT.blocks: a scan of jax.checkpoint blocks) gives the same gradients, but XLA:CPU creates the zero-filled buffers
 its backward pass accumulates into (the (n_layer, ...) stacked block gradients, wte's) when the step starts: they
-sit through the forward pass beside its activations, 0.46 GiB of gpt2's 1.27 GiB at 8x1024 in bf16 (BENCHMARKS.md
-change 29). Here:
+sit through the forward pass beside its activations, 0.46 GiB of gpt2's 1.27 GiB at 8x1024 in bf16 (measured on
+CPU: BENCHMARKS.md, the --remat entry). Here:
 
     forward     embeddings, the blocks keeping only each block's input, ln_f, the loss and its gradient
                 with respect to ln_f's output (ops.lm_head_loss_and_dx), chunk by chunk

@@ -12,7 +12,7 @@ Writing: the same dicts (nn.Linear layout, lm_head.weight tied to wte, the true 
 config is pickled as `__main__.GPTConfig`, as its train_gpt2.py writes it. nanoGPT's optimizer is a
 torch.optim.AdamW state dict with nanoGPT's two parameter groups, holding a training run's AdamW moments.
 nanoGPT's own model.py computes GELU exactly (erf), not with GPT-2's tanh: its logits of the same weights
-differ from ours by up to ~1e-3 (README, "Coming from build-nanogpt / nanoGPT").
+differ from ours by up to ~1e-3 (docs/interop.md).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from parity_tests.checkpoints import SHAPES, checkpoint_dirs, get_hf_model  # noqa: E402
 
-# One intra-op thread: these models are tiny, and on this workplace's 2-core machines two threads
+# One intra-op thread: these models are tiny, and on a 2-core machine two threads
 # made small ops ~100x slower (measured: an (8, 48) @ (48, 48) matmul 8 us -> 1.1 ms, a tiny
 # train step 10 ms -> 0.2-1.7 s), presumably when the second core is busy elsewhere.
 torch.set_num_threads(1)

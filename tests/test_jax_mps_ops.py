@@ -60,7 +60,7 @@ def test_the_programs_cover_train_eval_hellaswag_generation_and_init(lowered):
 
 
 def test_gelu_layer_norm_and_attention_are_this_projects_own_ops(lowered):
-    """No program reaches jax-mps's fused mps.gelu, mps.layer_norm or mps.sdpa (README, Apple GPUs)."""
+    """No program reaches jax-mps's fused mps.gelu, mps.layer_norm or mps.sdpa (docs/apple.md)."""
     for program in lowered["programs"].values():
         assert not program["fused"]
         assert not [t for t in program["custom_calls"] if t.startswith(("mps.gelu", "mps.layer_norm", "mps.sdpa"))]
