@@ -20,5 +20,5 @@ def run_cli(action, debug: bool = False):
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: print() writes the newline apart, and processes sharing a log interleave
         return None, 2
