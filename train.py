@@ -14,7 +14,7 @@ import tyro
 
 from flax_gpt.errors import run_cli
 from flax_gpt.host_memory import jax_runs_on_cpu, keep_freed_memory
-from flax_gpt.run_config import TrainConfig, given_fields  # no JAX: --help and bad flags answer at once
+from flax_gpt.run_config import TrainConfig, given_fields, resolve  # no JAX: --help and bad flags answer at once
 
 
 def main(argv=None) -> int:
@@ -22,9 +22,15 @@ def main(argv=None) -> int:
     cfg = tyro.cli(TrainConfig, args=argv, description=__doc__)
     if jax_runs_on_cpu(cfg.device):
         keep_freed_memory()  # before JAX starts its threads: CPU steps reuse freed memory instead of faulting it in
-    from flax_gpt.train import run  # imports JAX
 
-    summary, code = run_cli(lambda: run(cfg, given_fields(argv)), cfg.debug)
+    def train():
+        if not cfg.resume:  # a resumed run's flags are known once its checkpoint is read
+            resolve(cfg)  # bad flags answer before JAX is imported (seconds)
+        from flax_gpt.train import run
+
+        return run(cfg, given_fields(argv))
+
+    summary, code = run_cli(train, cfg.debug)
     if code:
         return code
     if not summary["is_main"]:  # one process of several: process 0 reports
