@@ -86,8 +86,8 @@ def load_run(init_from: str | Path) -> TrainedModel:
     fill = _filler(config, ckpt_dir)
     adam = _adam_moments(tree.get("opt_state") if isinstance(tree, dict) else None)
     return TrainedModel(fill(tree["params"]), step=int(meta["step"]), train_config=meta.get("train_config"),
-               adam=(fill(adam["mu"]), fill(adam["nu"]), int(adam["count"])) if adam else None,
-               val_losses=_val_losses(ckpt_dir.parent / "metrics.jsonl"))
+                        adam=(fill(adam["mu"]), fill(adam["nu"]), int(adam["count"])) if adam else None,
+                        val_losses=_val_losses(ckpt_dir.parent / "metrics.jsonl"))
 
 
 def _filler(config: GPTConfig, where: Path):

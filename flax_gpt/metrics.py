@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from flax_gpt.config import GPTConfig
 from flax_gpt.files import atomic_write
-from flax_gpt.model import matmul as model_matmul  # bf16: bf16 x bf16 -> f32, the fast kernels
+from flax_gpt.ops import matmul as model_matmul  # the model's matmul: bf16 x bf16 -> f32, the fast kernels
 
 # Dense bf16 datasheet peaks (FLOP/s, no sparsity, float32 accumulation) by the exact `device_kind` JAX reports,
 # which is the CUDA device name (what nvidia-smi shows). A kind not listed gets no MFU: a near name can be another
