@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-DType = Literal["float32", "bfloat16"]
+DType = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,8 @@ class GPTConfig:
     matmul_output: Literal["float32", "compute"] = "float32"
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
     scan_layers: bool = False  # run the blocks as a rolled loop: compile time flat in depth, slower steps
+    dropout: float = 0.0  # nanoGPT's: on the embeddings, attention probabilities, attention and MLP outputs (train mode)
+    gelu: Literal["tanh", "exact"] = "tanh"  # GPT-2's tanh approximation, or nanoGPT's exact (erf) GELU
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -37,10 +39,14 @@ class GPTConfig:
                 f"GPTConfig.n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"
             )
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16"):
-                raise ValueError(f"GPTConfig.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"GPTConfig.{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(self, name)!r}")
         if self.attention not in ("xla", "cudnn"):
             raise ValueError(f"GPTConfig.attention must be 'xla' or 'cudnn', got {self.attention!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.gelu not in ("tanh", "exact"):
+            raise ValueError(f"GPTConfig.gelu must be 'tanh' or 'exact', got {self.gelu!r}")
         if self.matmul_output not in ("float32", "compute"):
             raise ValueError(f"GPTConfig.matmul_output must be 'float32' or 'compute', got {self.matmul_output!r}")
 

@@ -31,6 +31,8 @@ class GPTConfig:
     n_layer: int = 12  # number of layers
     n_head: int = 12  # number of heads
     n_embd: int = 768  # embedding dimension
+    dropout: float = 0.0  # nanoGPT's dropout (embeddings, attention probabilities, attention and MLP outputs)
+    gelu: str = "tanh"  # "tanh": GPT-2's approximation (build-nanogpt); "exact": erf, as nanoGPT's model.py
 
 
 class CausalSelfAttention(nn.Module):

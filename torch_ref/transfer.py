@@ -18,6 +18,8 @@ def config_from_flax(cfg) -> GPTConfig:
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
         n_embd=cfg.n_embd,
+        dropout=cfg.dropout,
+        gelu=cfg.gelu,
     )
 
 
