@@ -151,11 +151,15 @@ def model_numerics(dtype_flag: str, attention_flag: str) -> tuple[str, dict]:
                    "attention": attention_implementation(attention_flag, platform, dtype)}
 
 
-def attention_implementation(attention: str, platform: str, dtype: str) -> str:
-    """--attention as GPTConfig.attention: auto is cuDNN flash attention on CUDA in bf16, XLA's elsewhere."""
+def attention_implementation(attention: str, platform: str, dtype: str, dropout: float = 0.0) -> str:
+    """--attention as GPTConfig.attention: auto is cuDNN flash attention on CUDA in bf16 without dropout, XLA's
+    elsewhere (JAX's cuDNN attention fixes its dropout seed when it compiles: every step would drop the same)."""
     cudnn_runs = capabilities(platform).cudnn_attention
     if attention == "auto":
-        return "cudnn" if cudnn_runs and dtype == "bfloat16" else "xla"
+        return "cudnn" if cudnn_runs and dtype == "bfloat16" and dropout == 0 else "xla"
+    if attention == "cudnn" and dropout > 0:
+        raise UserError(f"--attention cudnn cannot drop out with --dropout {dropout}: JAX's cuDNN attention fixes its "
+                        "dropout seed when it compiles (the same entries every step); use --attention xla (or auto)")
     if attention == "cudnn" and not cudnn_runs:
         raise UserError(f"--attention cudnn needs a CUDA GPU (cuDNN flash attention); this run is on {platform}: "
                         "use --attention xla (or auto)")

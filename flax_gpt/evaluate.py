@@ -81,12 +81,15 @@ def windows(tokens: np.ndarray, seq_len: int) -> list[tuple[int, int]]:
 
 
 def make_loss_step(model):
-    """A jitted step(params, x, y, mask) -> (sum of token losses, number of tokens) of a (B, T) batch."""
+    """A jitted step(params, x, y, mask) -> (sum of token losses, number of tokens) of a (B, T) batch, in eval mode
+    (no dropout)."""
     graphdef, _ = nnx.split(model)
 
     @jax.jit
     def step(state, x, y, mask):
-        logits, _ = nnx.merge(graphdef, state)(x)  # (B, T, V) float32
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        logits, _ = model(x)  # (B, T, V) float32
         losses = token_cross_entropy(logits, y)  # (B, T)
         return jnp.sum(losses * mask), jnp.sum(mask)
 

@@ -35,8 +35,16 @@ def load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> G
     training run: its latest step's parameters are loaded. Any other directory must be an HF
     GPT-2 directory; a file must be a build-nanogpt or nanoGPT checkpoint (torch.save, read without
     running code); anything else is tried as an HF hub id (online or from the HF cache).
-    numerics: GPTConfig fields that do not change the parameters (remat, matmul_output, ...).
+    numerics: GPTConfig fields that do not change the parameters (remat, matmul_output, ...). The model comes in
+    eval mode, as transformers' from_pretrained gives it: model.train() turns its dropout on.
     """
+    model = _load_model(init_from, dtype, **numerics)
+    model.eval()
+    return model
+
+
+def _load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> GPT:
+    """load_model's model, in the mode it was built in."""
     if dtype is not None and dtype not in _DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     numerics = {**numerics, **({"dtype": _DTYPES[dtype]} if dtype else {})}

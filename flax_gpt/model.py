@@ -6,6 +6,8 @@ The layers are stacked along a leading axis and run through a `lax.scan`: unroll
 default, rolled with `scan_layers=True` (compile time flat in depth) and always when decoding.
 Parameters are stored in `param_dtype`; matmuls run in `dtype`; LayerNorm, softmax, the residual
 stream, logits and the loss stay in float32.
+Dropout (GPTConfig.dropout, nanoGPT's four places) runs in train mode (`model.train()`, the default, as in torch and
+nnx) with the masks of a key each call is given (`rngs=`); `model.eval()` turns it off.
 
 The rest of the model path: flax_gpt.ops (the ops with hand-written backward passes, each beside its autodiff
 version; `ops.use_autodiff()` runs those instead) and flax_gpt.remat (--remat's train step: GPT.trunk's walk
@@ -21,7 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt.config import GPTConfig
-from flax_gpt.ops import causal_attention, cross_entropy, gelu, layer_norm, lm_head_loss, matmul, tied_logits
+from flax_gpt.ops import (attention_keep_mask, causal_attention, cross_entropy, dropout, gelu, keep_mask, layer_norm,
+                          lm_head_loss, matmul, tied_logits)
 
 INIT_STD = 0.02
 
@@ -67,10 +70,12 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = _linear(config, C, C, proj_std, rngs)
         self.n_head = config.n_head
         self.implementation = config.attention
+        self.dropout = config.dropout
 
-    def __call__(self, x, kv_cache=None, pos=0):
+    def __call__(self, x, kv_cache=None, pos=0, dropout_key=None):
         """x (B, T, C) -> (B, T, C); with kv_cache=(k, v), each (B, S, nh, hs), x sits at positions
-        pos..pos+T-1: its keys and values are written there and it attends to all cached ones."""
+        pos..pos+T-1: its keys and values are written there and it attends to all cached ones. With a dropout key
+        (no cache): dropout on the attention probabilities and on the output."""
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
         q, k, v = jnp.split(qkv, 3, axis=-1)  # each (B, T, C)
@@ -82,17 +87,24 @@ class CausalSelfAttention(nnx.Module):
             kv_cache = (jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=1),
                         jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=1))
         if kv_cache is None or (isinstance(pos, int) and pos == 0):  # the sequence from its start (training, prefill)
-            y = self.causal(q, k, v)  # (B, T, nh, hs)
+            y = self.causal(q, k, v, site_key(dropout_key, 0))  # (B, T, nh, hs)
         else:  # decoding: attend to every cached position up to this one
             k, v = kv_cache  # (B, S, nh, hs) each
             visible = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]  # (T, S)
             y = jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation="xla")  # (B, T, nh, hs)
         y = y.reshape(B, T, C)  # (B, T, C) heads side by side
-        return self.c_proj(y), kv_cache  # (B, T, C)
+        return dropout(self.c_proj(y), self.dropout, site_key(dropout_key, 1)), kv_cache  # (B, T, C)
 
-    def causal(self, q, k, v):
+    def causal(self, q, k, v, dropout_key=None):
         """Causal attention of q, k, v (B, T, nh, hs): cuDNN's flash attention (keeps only its output and row
-        statistics for the backward pass), or XLA's by blocks of queries, recomputed in the backward pass."""
+        statistics for the backward pass), or XLA's by blocks of queries, recomputed in the backward pass. Dropout on
+        the probabilities is XLA's: JAX's cuDNN attention fixes its dropout seed when it compiles, so every step would
+        drop the same entries, and not those of the run's key."""
+        if dropout_key is not None:
+            if self.implementation == "cudnn":
+                raise ValueError("GPTConfig.attention 'cudnn' cannot apply dropout with the run's masks (JAX's cuDNN "
+                                 "attention fixes its seed when compiled): use attention='xla'")
+            return causal_attention(q, k, v, self.dropout, dropout_key)  # (B, T, nh, hs)
         if self.implementation == "cudnn":
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # (B, T, nh, hs)
         return causal_attention(q, k, v)  # (B, T, nh, hs)
@@ -106,11 +118,12 @@ class MLP(nnx.Module):
         proj_std = INIT_STD / math.sqrt(2 * config.n_layer)
         self.c_fc = _linear(config, C, 4 * C, INIT_STD, rngs)
         self.c_proj = _linear(config, 4 * C, C, proj_std, rngs)
+        self.dropout = config.dropout
 
-    def __call__(self, x):
+    def __call__(self, x, dropout_key=None):
         x = self.c_fc(x)  # (B, T, 4C)
         x = gelu(x)  # GPT-2's tanh GELU
-        return self.c_proj(x)  # (B, T, C)
+        return dropout(self.c_proj(x), self.dropout, dropout_key)  # (B, T, C)
 
 
 class Block(nnx.Module):
@@ -122,15 +135,16 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(config)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, kv_cache=None, pos=0):
-        y, kv_cache = self.attn(self.ln_1(x), kv_cache, pos)  # (B, T, C)
+    def __call__(self, x, kv_cache=None, pos=0, dropout_key=None):
+        y, kv_cache = self.attn(self.ln_1(x), kv_cache, pos, site_key(dropout_key, 0))  # (B, T, C)
         x = x + y  # (B, T, C) float32 residual stream
-        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x), site_key(dropout_key, 1))  # (B, T, C)
         return x, kv_cache
 
 
 class GPT(nnx.Module):
-    """GPT-2 language model: `logits, loss = model(idx, targets=None)`."""
+    """GPT-2 language model: `logits, loss = model(idx, targets=None)`; with dropout, in train mode,
+    `model(idx, targets, rngs=nnx.Rngs(dropout=seed))` (a fresh key from the rngs each call)."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
         rngs = rngs if rngs is not None else nnx.Rngs(seed)
@@ -148,16 +162,17 @@ class GPT(nnx.Module):
 
         self.h = make_blocks(rngs)  # one Block whose parameters have a leading n_layer axis
         self.ln_f = LayerNorm(config)
+        self.deterministic = False  # train mode, as a torch or nnx module starts: model.eval() sets True
 
-    def __call__(self, idx, targets=None):
-        x, _ = self.trunk(idx)  # (B, T, C)
+    def __call__(self, idx, targets=None, *, rngs=None):
+        x, _ = self.trunk(idx, dropout_key=self.dropout_key(rngs))  # (B, T, C)
         logits = self.padded_logits(x)  # (B, T, Vp) float32, -inf in the padding columns
         loss = None if targets is None else cross_entropy(logits, targets)  # () float32
         return logits[..., : self.config.vocab_size], loss  # (B, T, V)
 
-    def loss(self, idx, targets):
+    def loss(self, idx, targets, *, rngs=None):
         """Mean cross entropy of idx (B, T) against targets (B, T) without materializing the logits."""
-        x, _ = self.trunk(idx)  # (B, T, C)
+        x, _ = self.trunk(idx, dropout_key=self.dropout_key(rngs))  # (B, T, C)
         c = self.config
         return lm_head_loss(x, self.wte.embedding[...], targets, c.vocab_size, c.dtype, c.matmul_output)
 
@@ -172,9 +187,38 @@ class GPT(nnx.Module):
         shape = (c.n_layer, batch, length, c.n_head, c.head_dim)
         return jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype)
 
-    def trunk(self, idx, kv_cache=None, pos=0):
-        """Embeddings, the blocks and ln_f: (B, T) -> (B, T, C), and the updated cache."""
-        return self.blocks(self.embed(idx, pos), kv_cache, pos)
+    def trunk(self, idx, kv_cache=None, pos=0, dropout_key=None):
+        """Embeddings, the blocks and ln_f: (B, T) -> (B, T, C), and the updated cache; with a dropout key, the masks
+        drawn from it (see dropout_masks)."""
+        x = dropout(self.embed(idx, pos), self.config.dropout, site_key(dropout_key, 0))  # (B, T, C)
+        return self.blocks(x, kv_cache, pos, self.layer_keys(dropout_key))
+
+    def dropout_key(self, rngs):
+        """This call's dropout key: None in eval mode or without dropout, else a fresh key from rngs (an nnx.Rngs: its
+        dropout stream) or rngs itself (a key)."""
+        if self.deterministic or self.config.dropout == 0:
+            return None
+        if rngs is None:
+            raise ValueError(f"GPT in train mode with dropout {self.config.dropout} draws its masks from a key: pass "
+                             "rngs=nnx.Rngs(dropout=seed) (or a key), or call model.eval()")
+        return rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
+
+    def layer_keys(self, dropout_key):
+        """The blocks' dropout keys, (n_layer, ...) split from the trunk's key; None without one."""
+        return None if dropout_key is None else jax.random.split(site_key(dropout_key, 1), self.config.n_layer)
+
+    def dropout_masks(self, dropout_key, batch: int, length: int) -> dict:
+        """The masks (True: kept) that a (batch, length) forward pass with this dropout key applies: "embd" (B, T, C),
+        and per layer "attn" (B, nh, T, T), "attn_proj" and "mlp" (B, T, C): what torch_ref takes to drop the same."""
+        c, p = self.config, self.config.dropout
+        shape = (batch, length, c.n_embd)
+        masks = {"embd": keep_mask(site_key(dropout_key, 0), p, shape), "attn": [], "attn_proj": [], "mlp": []}
+        for key in self.layer_keys(dropout_key):
+            attn_key = site_key(key, 0)
+            masks["attn"].append(attention_keep_mask(site_key(attn_key, 0), p, (batch, c.n_head, length, length)))
+            masks["attn_proj"].append(keep_mask(site_key(attn_key, 1), p, shape))
+            masks["mlp"].append(keep_mask(site_key(key, 1), p, shape))
+        return masks
 
     def embed(self, idx, pos=0):
         """Token plus position embeddings of idx (B, T) at positions pos..pos+T-1: (B, T, C)."""
@@ -183,13 +227,14 @@ class GPT(nnx.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         return self.wte(idx) + self.wpe(pos + jnp.arange(T))  # (B, T, C) float32
 
-    def blocks(self, x, kv_cache=None, pos=0):
+    def blocks(self, x, kv_cache=None, pos=0, layer_keys=None):
         """The transformer blocks over the stacked layer axis, then ln_f: (B, T, C) -> (B, T, C)."""
         block_def, block_params = nnx.split(self.h)  # params carry a leading n_layer axis
 
         def run_block(x, layer):
-            params, cache = layer  # one layer's parameters and (k, v) cache, or None
-            return nnx.merge(block_def, params)(x, cache, pos)  # (B, T, C), updated cache
+            params, cache, key = layer  # one layer's parameters, (k, v) cache or None, dropout key or None
+            y, cache = nnx.merge(block_def, params)(x, cache, pos, key)  # (B, T, C), updated cache
+            return y, cache
 
         if self.config.remat:  # for autodiff of GPT.loss; train steps run flax_gpt.remat's walk and backward pass
             run_block = jax.checkpoint(run_block)  # recompute activations in the backward pass
@@ -198,7 +243,7 @@ class GPT(nnx.Module):
         # recomputation next to the forward pass and keeps its results, saving nothing.
         rolled = self.config.scan_layers or self.config.remat or kv_cache is not None
         unroll = 1 if rolled else True
-        x, kv_cache = jax.lax.scan(run_block, x, (block_params, kv_cache), unroll=unroll)  # (B, T, C), the cache
+        x, kv_cache = jax.lax.scan(run_block, x, (block_params, kv_cache, layer_keys), unroll=unroll)  # (B, T, C)
         return self.ln_f(x), kv_cache  # (B, T, C) float32
 
     def lm_head(self, x):
@@ -213,10 +258,13 @@ class GPT(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **overrides) -> "GPT":
-        """GPT-2 weights from an HF hub id (gpt2 ... gpt2-xl) or a local HF directory."""
+        """GPT-2 weights from an HF hub id (gpt2 ... gpt2-xl) or a local HF directory, in eval mode (as transformers
+        gives them)."""
         from flax_gpt import hf  # here, not at the top: hf imports GPT from this module (a cycle)
 
-        return hf.load_pretrained(name_or_path, **overrides)
+        model = hf.load_pretrained(name_or_path, **overrides)
+        model.eval()
+        return model
 
     def save_pretrained(self, out_dir: str) -> None:
         """Write an HF GPT-2 directory (config.json, model.safetensors) that transformers loads."""
@@ -228,6 +276,11 @@ class GPT(nnx.Module):
         """Parameter count; like nanoGPT, position embeddings are left out by default."""
         n = sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
         return n - self.wpe.embedding.size if non_embedding else n
+
+
+def site_key(key, site: int):
+    """The key of one dropout site (or part of the model) under key: fold_in(key, site); None for None."""
+    return None if key is None else jax.random.fold_in(key, site)
 
 
 def _padded_normal_init(n_real_rows: int):

@@ -3,7 +3,8 @@ and is tested against (autodiff_*: the formula, differentiated by JAX). What the
 
     layer_norm         keeps its input and two statistics per row (autodiff: three float32 copies)
     gelu               GPT-2's tanh GELU keeping its input and tanh (autodiff: six (B, T, 4C) tensors)
-    causal_attention   XLA attention over blocks of queries, each block recomputed in the backward pass
+    causal_attention   XLA attention over blocks of queries, each block recomputed in the backward pass (with
+                       dropout, each block's mask too: only the key is kept)
     matmul             a bf16 x bf16 -> f32 dot whose backward runs in bf16 too (low_precision_matmul)
     lm_head_loss       tied lm_head + cross entropy over chunks of tokens, logits never all in memory
                        (lm_head_loss_and_dx and add_lm_head_dw: its two gradients apart, for flax_gpt.remat)
@@ -158,56 +159,114 @@ def _gelu_bwd(saved, g):
 _gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-# ----------------------------------------------------------------------------- attention
+# ----------------------------------------------------------------------------- dropout, attention
 
 
-def causal_attention(q, k, v):
+def dropout(x, rate: float, key):
+    """torch's dropout: each element of x zeroed with probability rate, the others scaled by 1 / (1 - rate); x itself
+    when key is None. The backward pass keeps only the mask (a bool per element)."""
+    if key is None or rate == 0:
+        return x
+    return jnp.where(keep_mask(key, rate, x.shape), x * (1 / (1 - rate)), 0).astype(x.dtype)  # x's shape and dtype
+
+
+def keep_mask(key, rate: float, shape):
+    """The elements dropout keeps: True with probability 1 - rate."""
+    return jax.random.bernoulli(key, 1.0 - rate, shape)
+
+
+def attention_keep_mask(key, rate: float, shape):
+    """The attention probabilities (B, nh, T, T) that causal_attention's dropout keeps: drawn by blocks of queries
+    (block i from fold_in(key, i)), as the blocks are computed and recomputed."""
+    B, nh, T, _ = shape
+    size = min(T, ATTENTION_BLOCK)
+    blocks = [keep_mask(jax.random.fold_in(key, i), rate, (B, nh, size, T)) for i in range(-(-T // size))]
+    return jnp.concatenate(blocks, axis=2)[:, :, :T]  # (B, nh, T, T)
+
+
+def causal_attention(q, k, v, dropout_rate: float = 0.0, key=None):
     """Causal self-attention (B, T, nh, hs) -> (B, T, nh, hs); past ATTENTION_BLOCK queries by blocks recomputed in
-    the backward pass, as flash attention does, instead of keeping (B, nh, T, T) scores for every layer."""
-    if q.shape[1] <= ATTENTION_BLOCK or not _custom():
-        return autodiff_causal_attention(q, k, v)  # (B, T, nh, hs)
-    return _blocked_attention(q, k, v)  # (B, T, nh, hs)
+    the backward pass, as flash attention does, instead of keeping (B, nh, T, T) scores for every layer. With a key,
+    dropout on the attention probabilities (nanoGPT's attn_dropout): always by blocks, the masks recomputed too."""
+    if key is None or dropout_rate == 0:
+        if q.shape[1] <= ATTENTION_BLOCK or not _custom():
+            return autodiff_causal_attention(q, k, v)  # (B, T, nh, hs)
+        return _blocked_attention(q, k, v, None, 0.0)  # (B, T, nh, hs)
+    if not _custom():
+        return autodiff_causal_attention(q, k, v, dropout_rate, key)  # (B, T, nh, hs)
+    return _blocked_attention(q, k, v, key, dropout_rate)  # (B, T, nh, hs)
 
 
-def autodiff_causal_attention(q, k, v):
-    """One XLA jax.nn.dot_product_attention call, for JAX autodiff: (B, T, nh, hs) -> (B, T, nh, hs)."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # (B, T, nh, hs)
+def autodiff_causal_attention(q, k, v, dropout_rate: float = 0.0, key=None):
+    """causal_attention for JAX autodiff: one XLA jax.nn.dot_product_attention call, or with dropout the blocks'
+    forward pass: (B, T, nh, hs) -> (B, T, nh, hs)."""
+    if key is None or dropout_rate == 0:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # (B, T, nh, hs)
+    return _blocked_forward(q, k, v, key, dropout_rate)  # (B, T, nh, hs)
 
 
-def _attend_rows(q, k, v, start):
-    """Queries q (B, Tq, nh, hs) at positions start.. attend to keys k, v (B, T, nh, hs) at or before them."""
+def _attend_rows(q, k, v, start, key=None, rate: float = 0.0):
+    """Queries q (B, Tq, nh, hs) at positions start.. attend to keys k, v (B, T, nh, hs) at or before them; with a key,
+    the probabilities go through dropout (computed as jax.nn.dot_product_attention's XLA version computes them)."""
     (start,) = after(q, start)  # else JAX's remat saves this mask, broadcast to (n, B, nh, Tq, T), as a residual
     visible = jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(q.shape[1])[:, None]  # (Tq, T)
-    return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation="xla")  # (B, Tq, nh, hs)
+    if key is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation="xla")  # (B, Tq, nh, hs)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, nh, Tq, T)
+    scores = scores * (1 / math.sqrt(q.shape[-1]))  # (B, nh, Tq, T)
+    scores = jnp.where(visible[None, None], scores, jnp.finfo(jnp.float32).min / 2)  # as jax.nn's large negative
+    probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key).astype(v.dtype)  # (B, nh, Tq, T)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)  # (B, Tq, nh, hs)
 
 
-@jax.custom_vjp
-def _blocked_attention(q, k, v):
-    """causal_attention by blocks of ATTENTION_BLOCK queries, keeping only q, k, v for the backward pass."""
-    starts = jnp.arange(0, q.shape[1], ATTENTION_BLOCK)  # (n,)
-    out = jax.lax.map(lambda qs: _attend_rows(qs[0], k, v, qs[1]), (_to_blocks(q, ATTENTION_BLOCK), starts))
+def _query_blocks(q):
+    """(blocks of q (n, B, size, nh, hs), their first positions (n,)): size ATTENTION_BLOCK, or T when shorter."""
+    size = min(q.shape[1], ATTENTION_BLOCK)
+    return _to_blocks(q, size), jnp.arange(0, q.shape[1], size)
+
+
+def _block_key(key, start, size: int):
+    """The dropout key of the block of queries from `start`: fold_in(key, block index); None without dropout."""
+    return None if key is None else jax.random.fold_in(key, start // size)
+
+
+def _blocked_forward(q, k, v, key, rate: float):
+    """causal_attention by blocks of queries, each block's dropout mask from its own key: (B, T, nh, hs)."""
+    q_blocks, starts = _query_blocks(q)  # (n, B, size, nh, hs), (n,)
+    size = q_blocks.shape[2]
+    out = jax.lax.map(lambda qs: _attend_rows(qs[0], k, v, qs[1], _block_key(key, qs[1], size), rate),
+                      (q_blocks, starts))  # (n, B, size, nh, hs)
     return _from_blocks(out, q.shape[1])  # (B, T, nh, hs)
 
 
-def _blocked_attention_fwd(q, k, v):
-    return _blocked_attention(q, k, v), (q, k, v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked_attention(q, k, v, key, rate: float):
+    """causal_attention by blocks of queries, keeping only q, k, v (and the dropout key) for the backward pass."""
+    return _blocked_forward(q, k, v, key, rate)
 
 
-# Equals jax.vjp(autodiff_causal_attention, q, k, v)[1](g), one block of queries' scores recomputed at a time.
-def _blocked_attention_bwd(saved, g):
-    q, k, v = after(g, *saved)
+def _blocked_attention_fwd(q, k, v, key, rate):
+    return _blocked_forward(q, k, v, key, rate), (q, k, v, key)
+
+
+# Equals jax.vjp(autodiff_causal_attention, q, k, v)[1](g), one block of queries' scores (and dropout mask)
+# recomputed at a time.
+def _blocked_attention_bwd(rate, saved, g):
+    q, k, v = after(g, *saved[:3])
+    key = saved[3]
 
     def block_grads(qgs):
         q_i, g_i, start = qgs  # (B, Tq, nh, hs), (B, Tq, nh, hs), ()
-        _, block_vjp = jax.vjp(lambda q_i, k, v: _attend_rows(q_i, k, v, start), q_i, k, v)
+        block_key = _block_key(key, start, q_i.shape[1])
+        _, block_vjp = jax.vjp(lambda q_i, k, v: _attend_rows(q_i, k, v, start, block_key, rate), q_i, k, v)
         dq_i, dk, dv = block_vjp(g_i)  # (B, Tq, nh, hs), (B, T, nh, hs), (B, T, nh, hs)
         return (dk.astype(jnp.float32), dv.astype(jnp.float32)), dq_i
 
-    starts = jnp.arange(0, q.shape[1], ATTENTION_BLOCK)  # (n,)
+    q_blocks, starts = _query_blocks(q)  # (n, B, size, nh, hs), (n,)
     zeros = after(g, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))  # (B, T, nh, hs) each
-    (dk, dv), dq = _sum_and_stack(block_grads, (_to_blocks(q, ATTENTION_BLOCK), _to_blocks(g, ATTENTION_BLOCK), starts),
+    (dk, dv), dq = _sum_and_stack(block_grads, (q_blocks, _to_blocks(g, q_blocks.shape[2]), starts),
                                   zeros)  # (B, T, nh, hs) float32 each, (n, B, Tq, nh, hs)
-    return _from_blocks(dq, q.shape[1]), dk.astype(k.dtype), dv.astype(v.dtype)
+    return _from_blocks(dq, q.shape[1]), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)

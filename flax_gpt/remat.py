@@ -24,34 +24,41 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt import ops
-from flax_gpt.model import GPT
+from flax_gpt.model import GPT, site_key
 
 
-def _block(block_def: nnx.GraphDef, params: nnx.State, x):
+def _block(block_def: nnx.GraphDef, params: nnx.State, x, dropout_key=None):
     """One block of GPT.h, as GPT.blocks calls it without a cache: (B, T, C) -> (B, T, C)."""
-    return nnx.merge(block_def, params)(x)[0]  # (B, T, C)
+    return nnx.merge(block_def, params)(x, None, 0, dropout_key)[0]  # (B, T, C)
 
 
-def trunk(model: GPT, idx):
-    """GPT.trunk(idx)[0], ln_f's output (B, T, C), with what the backward pass needs: ln_f's vjp and each block's
-    input (n_layer, B, T, C)."""
+def trunk(model: GPT, idx, dropout_key=None):
+    """GPT.trunk(idx, dropout_key=...)[0], ln_f's output (B, T, C), with what the backward pass needs: ln_f's vjp, each
+    block's input (n_layer, B, T, C) and the blocks' dropout keys (None without dropout)."""
     block_def, block_params = nnx.split(model.h)  # parameters with a leading n_layer axis
     ln_f_def, ln_f_params = nnx.split(model.ln_f)
-    x = model.embed(idx)  # (B, T, C) float32
-    x, inputs = jax.lax.scan(lambda x, p: (_block(block_def, p, x), x), x, block_params)  # (B, T, C), (L, B, T, C)
+    layer_keys = model.layer_keys(dropout_key)  # (L, ...) or None
+    x = ops.dropout(model.embed(idx), model.config.dropout, site_key(dropout_key, 0))  # (B, T, C) float32
+
+    def forward(x, layer):
+        params, key = layer
+        return _block(block_def, params, x, key), x
+
+    x, inputs = jax.lax.scan(forward, x, (block_params, layer_keys))  # (B, T, C), (L, B, T, C)
     h, ln_f_vjp = jax.vjp(lambda x, p: nnx.merge(ln_f_def, p)(x), x, ln_f_params)  # (B, T, C)
-    return h, ln_f_vjp, inputs
+    return h, ln_f_vjp, inputs, layer_keys
 
 
-def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets):
-    """(mean cross entropy, gradients shaped like params) of one (B, T) batch, blocks recomputed."""
+def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets, dropout_key=None):
+    """(mean cross entropy, gradients shaped like params) of one (B, T) batch, blocks recomputed (and their dropout
+    masks, from the same keys)."""
     model = nnx.merge(graphdef, params)
     c = model.config
     block_def, block_params = nnx.split(model.h)  # parameters with a leading n_layer axis
     wte = model.wte.embedding[...]  # (Vp, C)
     head = (c.vocab_size, c.dtype, c.matmul_output)
 
-    h, ln_f_vjp, inputs = trunk(model, idx)  # (B, T, C), ln_f's vjp, (L, B, T, C)
+    h, ln_f_vjp, inputs, layer_keys = trunk(model, idx, dropout_key)  # (B, T, C), ln_f's vjp, (L, B, T, C), keys
     defer = ops.loss_in_chunks(targets.size)  # else the logits are small: keep their weight gradient
     if defer:
         loss, dh = ops.lm_head_loss_and_dx(h, wte, targets, *head)  # (), (B, T, C)
@@ -64,13 +71,15 @@ def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets):
         dx, d_blocks = carry  # (B, T, C), stacked gradients
         layer = c.n_layer - 1 - i
         params = jax.tree.map(lambda p: p[layer], block_params)
-        _, block_vjp = jax.vjp(lambda p, x: _block(block_def, p, x), params, inputs[layer])
+        key = None if layer_keys is None else layer_keys[layer]
+        _, block_vjp = jax.vjp(lambda p, x: _block(block_def, p, x, key), params, inputs[layer])
         d_params, dx = block_vjp(dx)  # one layer's gradients, (B, T, C)
         d_blocks = jax.tree.map(lambda d, g: d.at[layer].set(g), d_blocks, d_params)
         return dx, d_blocks
 
     d_blocks = ops.after(dx, jax.tree.map(jnp.zeros_like, block_params))[0]  # created once dx exists
-    dx, d_blocks = jax.lax.fori_loop(0, c.n_layer, backward, (dx, d_blocks))  # dx: (B, T, C) at the embeddings
+    dx, d_blocks = jax.lax.fori_loop(0, c.n_layer, backward, (dx, d_blocks))  # dx: (B, T, C) after the embeddings
+    dx = ops.dropout(dx, c.dropout, site_key(dropout_key, 0))  # (B, T, C) at the embeddings: dropout is its own vjp
     if defer:
         d_wte = ops.add_lm_head_dw(*ops.after(dx, jnp.zeros(wte.shape, jnp.float32), h, wte, targets), *head)
     d_wte = d_wte.at[idx].add(dx)  # (Vp, C): the token embedding's rows

@@ -15,8 +15,12 @@ from flax_gpt.errors import UserError
 from flax_gpt.sinks import require
 
 
+CHECKS = {"positive": (lambda v: v > 0, "positive"), "non_negative": (lambda v: v >= 0, "non-negative"),
+          "fraction": (lambda v: 0 <= v < 1, "in [0, 1)")}  # flag(check=...): (passes, what the error says)
+
+
 def flag(default=None, *, preset: Literal["fill", "read"] | None = None, defines_run: bool = False,
-         invocation: bool = False, check: Literal["positive", "non_negative"] | None = None):
+         invocation: bool = False, check: Literal["positive", "non_negative", "fraction"] | None = None):
     """A TrainConfig field. preset: "fill" takes the preset's value when the flag is not given, "read" leaves the
     field unset (so a checkpoint records that the preset's was used) and reads the preset where it is needed.
     invocation: never restored on --resume (where to write, which device, --debug)."""
@@ -44,6 +48,7 @@ class TrainConfig:
     warmup_steps: int | None = flag(None, preset="fill", defines_run=True, check="non_negative")
     weight_decay: float = flag(0.1, defines_run=True)
     grad_clip: float = flag(1.0, defines_run=True)
+    dropout: float = flag(0.0, defines_run=True, check="fraction")  # nanoGPT's dropout in training (e.g. 0.2; 0: off); evaluation and sampling never drop
     eval_interval: int | None = flag(None, preset="fill", check="positive")  # steps between val-loss evaluations (and samples)
     eval_batches: int | None = flag(None, preset="fill", check="positive")  # val batches per evaluation
     ckpt_interval: int | None = flag(None, preset="fill", check="positive")  # steps between checkpoints (one is always written at the end)
@@ -118,8 +123,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg, decay_steps=cfg.decay_steps or cfg.max_steps)
     for field in dataclasses.fields(cfg):
         value, check = getattr(cfg, field.name), field.metadata["check"]
-        if value is not None and (check == "positive" and value <= 0 or check == "non_negative" and value < 0):
-            raise UserError(f"--{field.name.replace('_', '-')} must be {check.replace('_', '-')}, got {value}")
+        if value is not None and check and not CHECKS[check][0](value):
+            raise UserError(f"--{field.name.replace('_', '-')} must be {CHECKS[check][1]}, got {value}")
     if cfg.extend_steps and not cfg.resume:
         raise UserError("--extend-steps continues a run: use it with --resume")
     if cfg.hellaswag is None and (cfg.hellaswag_interval or cfg.hellaswag_limit):

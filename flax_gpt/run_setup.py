@@ -83,7 +83,7 @@ def model_config(cfg: TrainConfig, dtype: str, **numerics) -> GPTConfig:
 def init_model(cfg: TrainConfig, dtype: str, **numerics) -> GPT:
     """The starting model: fresh GPT-2 init, HF weights, or the params of a training checkpoint.
 
-    numerics: GPTConfig fields that leave the parameters alone (remat, scan_layers, matmul_output).
+    numerics: GPTConfig fields that leave the parameters alone (remat, scan_layers, matmul_output, dropout, ...).
     """
     if cfg.init_from in (None, "scratch"):
         return GPT(model_config(cfg, dtype, **numerics), seed=cfg.seed)
@@ -100,15 +100,16 @@ def init_train_state(cfg: TrainConfig, dtype: str, numerics: dict, tx: optax.Gra
     """
     if mesh is None:
         model = init_model(cfg, dtype, **numerics)
-        return (model.config, *train_step.init_state(model, tx), None)
+        return (model.config, *train_step.init_state(model, tx, cfg.seed), None)
     shardings_of = functools.partial(shard.state_shardings, mesh=mesh, strategy=strategy)
     if cfg.init_from in (None, "scratch"):
         config = model_config(cfg, dtype, **numerics)
-        graphdef, init, shardings = train_step.sharded_init(lambda: GPT(config, seed=cfg.seed), tx, shardings_of)
+        graphdef, init, shardings = train_step.sharded_init(lambda: GPT(config, seed=cfg.seed), tx, shardings_of,
+                                                             cfg.seed)
         return config, graphdef, init(), shardings
     with jax.default_device(devices.host_device()):
         model = init_model(cfg, dtype, **numerics)
-    return (model.config, *train_step.shard_state(model, tx, shardings_of))
+    return (model.config, *train_step.shard_state(model, tx, shardings_of, cfg.seed))
 
 
 def setup(cfg: TrainConfig, given: set[str]) -> tuple[TrainRun, float | None]:
@@ -151,7 +152,8 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[TrainRun, float | None]:
     tx = make_optimizer(optim_cfg)
     mesh = shard.make_mesh() if strategy != "none" else None
     numerics = {"remat": cfg.remat, "scan_layers": cfg.scan_layers, "matmul_output": caps.matmul_output,
-                "attention": devices.attention_implementation(cfg.attention, platform, dtype)}
+                "dropout": cfg.dropout,
+                "attention": devices.attention_implementation(cfg.attention, platform, dtype, cfg.dropout)}
     config, graphdef, state, state_sh = init_train_state(cfg, dtype, numerics, tx, mesh, strategy)
     _check_model_fits_data(cfg, config)
     batch_sh = eval_sh = None

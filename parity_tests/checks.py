@@ -71,6 +71,11 @@ BF16_ULP = 2.0**-8  # bf16's spacing relative to a value: one output element rou
 BF16_OWN_FLOOR = 1e-3
 # Each side's gradients against its own fp32 gradients, the least changed parameter: measured 2.1e-3 to 3.7e-3.
 BF16_OWN_GRAD_FLOOR = 5e-4
+# Dropout (dropout_checks.py): with the same masks on both sides the fp32 and bf16 bounds above hold. A train-mode
+# loss must differ from the eval-mode one (measured ~2e-2 at p=0.2: the masks really applied). The mean over many
+# masks of each side's own, flax against torch's F.dropout: a 4-sigma bound on the difference in standard errors.
+DROPOUT_CHANGES_FLOOR = 1e-3
+DROPOUT_MEAN_SIGMAS = 4.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,6 +79,9 @@ def test_attention_auto_is_cudnn_on_cuda_in_bf16_and_xla_elsewhere():
         pick("cudnn", "mps", "bfloat16")
     with pytest.raises(UserError, match=r"^--attention cudnn runs in bf16 only .* add --dtype bf16"):
         pick("cudnn", "gpu", "float32")
+    assert pick("auto", "gpu", "bfloat16", dropout=0.1) == "xla"  # cuDNN's dropout seed is fixed at compile time
+    with pytest.raises(UserError, match=r"^--attention cudnn cannot drop out with --dropout 0.1: .* --attention xla"):
+        pick("cudnn", "gpu", "bfloat16", dropout=0.1)
 
 
 def test_dtype_auto_is_bf16_on_gpus_that_have_it_and_fp32_below_compute_capability_8(monkeypatch):

@@ -39,13 +39,13 @@ def make_specs(work: Path) -> dict[str, Spec]:
 
     return {  # plan order, 2 at a time: a20 compiles the shapes most runs share while cheap runs go beside it
         "a20": Spec([*LONG, "--out-dir", "a20"], before=lambda: {"out": "a20"}),
-        "a20_bf16": Spec(with_args(LONG, ["--out-dir", "a20_bf16", "--dtype", "bf16"]),
+        "a20_bf16": Spec(with_args(LONG, ["--out-dir", "a20_bf16", "--dtype", "bf16", "--dropout", "0.1"]),
                          before=lambda: {"out": "a20_bf16"}),
         "hf_model": Spec([PYTHON, "-c", HF_SCRIPT, str(work / "hf_model")], command=True),
         "err_binary": Spec(with_args(COMMON, ["--data", "binary.dat", "--out-dir", "err_binary"])),
         "err_metal": Spec([*COMMON, "--device", "metal", "--out-dir", "err_metal"]),
         "a6": Spec([*SHORT, "--out-dir", "a6"]),
-        "b_kill": Spec(with_args(LONG, ["--out-dir", "b", "--dtype", "bf16"]), deps=("a20_bf16",),
+        "b_kill": Spec(with_args(LONG, ["--out-dir", "b", "--dtype", "bf16", "--dropout", "0.1"]), deps=("a20_bf16",),
                        signal_at=(signal.SIGKILL, "b", True), after=state_of("b")),
         "c_int": Spec(with_args(LONG, ["--out-dir", "c", "--ckpt-interval", str(CTRL_C_CKPT_INTERVAL)]),
                       deps=("a20",), signal_at=(signal.SIGINT, "c", False), after=state_of("c")),
@@ -128,6 +128,7 @@ BAD_INPUT = {  # id: (setup(tmp) -> (extra args, fragments the message must hold
     "shorter_than_a_batch": short_text_case,
     "unknown_preset": lambda tmp: (["--preset", "huge"], ["unknown preset 'huge'", "tiny"]),
     "batch_size_0": lambda tmp: (["--batch-size", "0"], ["--batch-size must be positive, got 0"]),
+    "dropout_1": lambda tmp: (["--dropout", "1"], ["--dropout must be in [0, 1), got 1.0"]),
     "total_batch_not_multiple": lambda tmp: (["--total-batch-size", "100"],
                                              ["--total-batch-size 100", "multiple", "32"]),
     "seq_len_above_block_size": lambda tmp: (["--seq-len", "65", "--total-batch-size", "130"],
@@ -306,7 +307,8 @@ def test_extending_a_finished_run_trains_on_at_the_final_learning_rate(runs, wor
 
 
 @needs("a20_bf16", "b_kill", "b_resume")
-def test_resume_after_sigkill_is_exact_in_bf16_without_flags(runs, work):
+def test_resume_after_sigkill_is_exact_in_bf16_with_dropout_without_flags(runs, work):
+    """The dropout masks continue too: the key is in the checkpoint, the masks follow the step."""
     killed = runs.result("b_kill")
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
     assert killed.signalled_after is not None and killed.signalled_after >= SIGNAL_AT_STEP

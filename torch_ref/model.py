@@ -8,6 +8,7 @@ layout differs: nn.Linear weights are (out, in), HF Conv1D weights are (in, out)
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -44,18 +45,26 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.NANOGPT_SCALE_INIT = 1
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, masks=None):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         qkv = self.c_attn(x)  # (B, T, 3C)
         q, k, v = qkv.split(self.n_embd, dim=2)  # each (B, T, C)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if masks is not None and self.training and self.dropout > 0:  # nanoGPT's attention written out, given masks
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+            att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)  # (B, nh, T, T)
+            y = dropout(att, self.dropout, True, masks["attn"]) @ v  # (B, nh, T, hs)
+        else:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C) heads side by side
         y = self.c_proj(y)  # (B, T, C)
-        return y
+        return dropout(y, self.dropout, self.training, masks and masks["attn_proj"])  # nanoGPT's resid_dropout
 
 
 class MLP(nn.Module):
@@ -65,12 +74,13 @@ class MLP(nn.Module):
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's tanh GELU
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.NANOGPT_SCALE_INIT = 1
+        self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         x = self.c_fc(x)  # (B, T, 4C)
         x = self.gelu(x)  # (B, T, 4C)
         x = self.c_proj(x)  # (B, T, C)
-        return x
+        return dropout(x, self.dropout, self.training, mask)
 
 
 class Block(nn.Module):
@@ -81,9 +91,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # (B, T, C) pre-LN residual
-        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+    def forward(self, x, masks=None):
+        x = x + self.attn(self.ln_1(x), masks)  # (B, T, C) pre-LN residual
+        x = x + self.mlp(self.ln_2(x), masks and masks["mlp"])  # (B, T, C)
         return x
 
 
@@ -114,15 +124,17 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, dropout_masks=None):
+        """dropout_masks: the masks to drop with in train mode (flax_gpt's GPT.dropout_masks), else torch's own."""
         B, T = idx.size()  # idx is of shape (B, T)
         assert T <= self.config.block_size, f"Cannot forward sequence of length {T}, block size is only {self.config.block_size}"
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        x = tok_emb + pos_emb  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)  # (B, T, C)
+        m = dropout_masks
+        x = dropout(tok_emb + pos_emb, self.config.dropout, self.training, m and m["embd"])  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, m and {name: m[name][i] for name in ("attn", "attn_proj", "mlp")})  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x).float()  # (B, T, vocab_size), float32 also under autocast
         loss = None
@@ -171,6 +183,14 @@ class GPT(nn.Module):
         fused_available = "fused" in inspect.signature(torch.optim.AdamW).parameters
         use_fused = fused_available and device_type == "cuda"
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
+
+
+def dropout(x, p: float, training: bool, mask=None):
+    """F.dropout(x, p, training), or with a given mask (True: kept) the same formula: x * mask / (1 - p)."""
+    if mask is None or not training or p == 0:
+        return F.dropout(x, p, training)
+    mask = torch.from_numpy(np.array(mask)).to(x.device)  # a writable copy
+    return x * (mask.to(x.dtype) / (1 - p))
 
 
 # ----------------------------------------------------------------------------- HF state dicts
