@@ -64,10 +64,13 @@ TARGETS = {
                    RUN_PRESETS["gpt2"].batch_size),
     "h200": Target("h200", "h200.txtpb", 141_000_000_000, 4.8e12, {"bfloat16": 989e12}, ("bfloat16",),
                    RUN_PRESETS["gpt2"].batch_size),
-    # T4: float32 without tensor cores (8.1 TFLOP/s); micro batch 8 (x64) is build-nanogpt's tokens per step in 16 GB
-    "t4": Target("t4", "t4.txtpb", 15843721216, 320e9, {"float32": 8.1e12}, ("float32",), 8),
+    # T4: no bf16; float16 on tensor cores (65 TFLOP/s dense), float32 without (8.1 TFLOP/s); micro batch 8 (x64) is
+    # build-nanogpt's tokens per step in 16 GB
+    "t4": Target("t4", "t4.txtpb", 15843721216, 320e9, {"float16": 65e12, "float32": 8.1e12}, ("float16", "float32"), 8),
 }
-PROGRAMS = ("train_step", "eval_step", "hellaswag_step", "prefill", "decode_step")
+# train_step_dropout: the train step with --dropout DROPOUT (XLA attention: cuDNN's refuses the run's masks)
+PROGRAMS = ("train_step", "eval_step", "hellaswag_step", "prefill", "decode_step", "train_step_dropout")
+DROPOUT = 0.1
 HOST_OPCODES = (" infeed(", " outfeed(", " send(", " recv(", " send-done(", " recv-done(")  # ops that need the host
 CPU_TARGETS = ("callback", "cpu", "lapack", "ducc")  # custom calls that run Python or CPU code
 
@@ -142,14 +145,14 @@ def plugin_installed() -> bool:
 
 
 def compile_row(target: Target, device, program: str, dtype: str, attention: str, remat: bool, micro_batch: int,
-                accum: int, loss_chunk: int | None = None) -> dict:
+                accum: int, loss_chunk: int | None = None, dropout: float = 0.0) -> dict:
     """Compile one program for the target; its memory, custom calls, cost and roofline as one JSON row.
 
     loss_chunk: tokens per chunk of the lm_head + loss (ops.LOSS_CHUNK, chosen for CPU memory), 0 for the full
     logits with plain autodiff; None keeps the library's choice.
     """
     run = RUN_PRESETS["gpt2"]
-    config = preset(run.model, dtype=dtype, attention=attention, remat=remat)
+    config = preset(run.model, dtype=dtype, attention=attention, remat=remat, dropout=dropout)
     fn, args, micro_batch, tokens = programs(program, config, micro_batch, accum, run.seq_len, device)
     kept = ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS
     if loss_chunk is not None:  # read while tracing
@@ -172,7 +175,7 @@ def compile_row(target: Target, device, program: str, dtype: str, attention: str
     return {
         "target": target.name, "device": device.device_kind, "program": program, "attention": attention,
         "loss_chunk": ops.LOSS_CHUNK if loss_chunk is None else loss_chunk, "xla_flags": os.environ.get("XLA_FLAGS"),
-        "remat": remat, "dtype": dtype, "micro_batch": micro_batch, "accum": accum, "seq_len": run.seq_len,
+        "remat": remat, "dropout": dropout, "dtype": dtype, "micro_batch": micro_batch, "accum": accum, "seq_len": run.seq_len,
         "tokens": tokens, "peak_bytes": peak_bytes, "temp_bytes": memory.temp_size_in_bytes,
         "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
         "alias_bytes": memory.alias_size_in_bytes, "device_memory_bytes": target.memory_bytes,
@@ -197,13 +200,17 @@ def plan(target: Target, wanted: tuple[str, ...], loss_chunks: list[int] | None 
                 for c in loss_chunks]
     rows = []
     for dtype in target.dtypes:
-        attentions = ("cudnn", "xla") if dtype == "bfloat16" else ("xla",)  # cuDNN flash attention: 16-bit only
+        attentions = ("cudnn", "xla") if dtype == "bfloat16" else ("xla",)  # cuDNN flash attention: on Ampere and newer
         auto = attentions[0]
+        train = dict(program="train_step", dtype=dtype, micro_batch=target.micro_batch, accum=accum)
         if "train_step" in wanted:
-            rows += [dict(program="train_step", dtype=dtype, attention=a, remat=r, micro_batch=target.micro_batch,
-                          accum=accum) for a in attentions for r in (False, True)]
+            rows += [dict(train, attention=a, remat=r) for a in attentions for r in (False, True)]
+        if "train_step_dropout" in wanted:
+            rows += [dict(train, attention="xla", remat=False, dropout=DROPOUT)]
+        if dtype == "float16":  # train.py trains in float16 there (--dtype auto), and evaluates in float32
+            continue
         rows += [dict(program=p, dtype=dtype, attention=auto, remat=False, micro_batch=target.micro_batch, accum=1)
-                 for p in PROGRAMS[1:] if p in wanted]
+                 for p in PROGRAMS[1:-1] if p in wanted]
     return rows
 
 
@@ -212,6 +219,7 @@ def summary(row: dict) -> str:
     GiB = 2**30
     mfu = f"{row['mfu_at_roofline']:.0%}" if row["mfu_at_roofline"] is not None else "-"
     return (f"{row['target']:5} {row['program']:14} {row['dtype']:8} {row['attention']:5} remat={row['remat']!s:5} "
+            f"{'dropout=' + str(row['dropout']) + ' ' if row.get('dropout') else ''}"
             f"{row['micro_batch']:3}x{row['accum']:<2} peak {row['peak_bytes'] / GiB:6.2f} GiB "
             f"({'fits' if row['fits'] else 'DOES NOT FIT'} {row['device_memory_bytes'] / GiB:.0f} GiB) "
             f"{row['flops'] / 1e12:8.2f} TFLOP {row['bytes_accessed'] / 1e9:8.1f} GB roofline "

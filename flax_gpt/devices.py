@@ -78,17 +78,23 @@ def select_device(device: str) -> str:
 
 
 def compute_dtype(dtype: str, platform: str, training: bool = False) -> str:
-    """--dtype: auto is bf16 on accelerators, except CUDA GPUs without bf16 (fp32 there); on the CPU, fp32, except
-    for training on a CPU with bf16 dot instructions (bf16 steps are faster there; evaluation and sampling keep
-    fp32's accuracy)."""
+    """--dtype: auto is bf16 on accelerators, except CUDA GPUs without bf16 (float16 there for training, with loss
+    scaling; float32 for evaluation and sampling); on the CPU, fp32, except for training on a CPU with bf16 dot
+    instructions (bf16 steps are faster there; evaluation and sampling keep fp32's accuracy)."""
     if dtype == "auto":
         if platform == "gpu":
-            return "bfloat16" if gpu_has_bf16() else "float32"
+            return "bfloat16" if gpu_has_bf16() else "float16" if training else "float32"
         return "bfloat16" if platform != "cpu" or (training and cpu_has_bf16_dots()) else "float32"
-    return {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32"}[dtype]
+    return DTYPES[dtype]
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "float32": "float32"}  # --dtype (either spelling) -> GPTConfig.dtype
+FLAG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # GPTConfig.dtype -> --dtype
 
 
 BF16_COMPUTE_CAPABILITY = 8.0  # Ampere: the first NVIDIA GPUs with bf16 tensor cores (T4 is 7.5, V100 7.0)
+CUDNN_FLASH_COMPUTE_CAPABILITY = 8.0  # JAX's cuDNN attention refuses older GPUs (fp16 included)
 
 
 def gpu_compute_capability(devices=None) -> float:
@@ -102,11 +108,11 @@ def gpu_has_bf16(devices=None) -> bool:
 
 
 def auto_dtype_note(dtype: str, platform: str, devices=None) -> str | None:
-    """Why --dtype auto computes in float32 on this GPU, for the run's log; None where it does not."""
+    """Why --dtype auto trains in float16 on this GPU, for the run's log; None where it does not."""
     if dtype != "auto" or platform != "gpu" or gpu_has_bf16(devices):
         return None
-    return (f"--dtype auto computes in float32: this GPU (compute capability {gpu_compute_capability(devices)}) has "
-            "no bf16, and float16 training is not supported yet")
+    return (f"--dtype auto trains in float16 with dynamic loss scaling: this GPU (compute capability "
+            f"{gpu_compute_capability(devices)}) has no bf16")
 
 
 def cpu_has_bf16_dots(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -163,9 +169,13 @@ def attention_implementation(attention: str, platform: str, dtype: str, dropout:
     if attention == "cudnn" and not cudnn_runs:
         raise UserError(f"--attention cudnn needs a CUDA GPU (cuDNN flash attention); this run is on {platform}: "
                         "use --attention xla (or auto)")
-    if attention == "cudnn" and dtype != "bfloat16":
-        raise UserError(f"--attention cudnn runs in bf16 only (cuDNN flash attention), this run computes in {dtype}: "
-                        "add --dtype bf16, or use --attention xla")
+    if attention == "cudnn" and dtype not in ("bfloat16", "float16"):
+        raise UserError(f"--attention cudnn runs in bf16 or fp16 only (cuDNN flash attention), this run computes in "
+                        f"{dtype}: add --dtype bf16, or use --attention xla")
+    if attention == "cudnn" and gpu_compute_capability() < CUDNN_FLASH_COMPUTE_CAPABILITY:
+        raise UserError(f"--attention cudnn: cuDNN flash attention needs compute capability "
+                        f"{CUDNN_FLASH_COMPUTE_CAPABILITY} or newer, this GPU has {gpu_compute_capability()}: use "
+                        "--attention xla (or auto)")
     if attention not in ("xla", "cudnn"):
         raise UserError(f"--attention must be auto, xla or cudnn, got {attention!r}")
     return attention

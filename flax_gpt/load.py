@@ -15,13 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_gpt import torch_ckpt
+from flax_gpt import devices, torch_ckpt
 from flax_gpt.checkpoint import Checkpointer
 from flax_gpt.config import GPTConfig
 from flax_gpt.errors import UserError, first_line
 from flax_gpt.model import GPT
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 class RunCheckpointError(UserError):
@@ -45,9 +43,9 @@ def load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> G
 
 def _load_model(init_from: str | Path, dtype: str | None = None, **numerics) -> GPT:
     """load_model's model, in the mode it was built in."""
-    if dtype is not None and dtype not in _DTYPES:
-        raise UserError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    numerics = {**numerics, **({"dtype": _DTYPES[dtype]} if dtype else {})}
+    if dtype is not None and dtype not in devices.DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(devices.DTYPES)}")
+    numerics = {**numerics, **({"dtype": devices.DTYPES[dtype]} if dtype else {})}
     path = Path(init_from).expanduser()
     if path.is_dir():
         ckpt_dir = _checkpoint_dir(path)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from flax_gpt.config import GPTConfig
 from flax_gpt.ops import (attention_keep_mask, causal_attention, cross_entropy, dropout, gelu, keep_mask, layer_norm,
-                          lm_head_loss, matmul, tied_logits)
+                          lm_head_loss, masked_attention, matmul, tied_logits)
 
 INIT_STD = 0.02
 
@@ -91,7 +91,7 @@ class CausalSelfAttention(nnx.Module):
         else:  # decoding: attend to every cached position up to this one
             k, v = kv_cache  # (B, S, nh, hs) each
             visible = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]  # (T, S)
-            y = jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation="xla")  # (B, T, nh, hs)
+            y = masked_attention(q, k, v, visible)  # (B, T, nh, hs)
         y = y.reshape(B, T, C)  # (B, T, C) heads side by side
         return dropout(self.c_proj(y), self.dropout, site_key(dropout_key, 1)), kv_cache  # (B, T, C)
 
@@ -170,11 +170,12 @@ class GPT(nnx.Module):
         loss = None if targets is None else cross_entropy(logits, targets)  # () float32
         return logits[..., : self.config.vocab_size], loss  # (B, T, V)
 
-    def loss(self, idx, targets, *, rngs=None):
-        """Mean cross entropy of idx (B, T) against targets (B, T) without materializing the logits."""
+    def loss(self, idx, targets, *, rngs=None, grad_scale=None):
+        """Mean cross entropy of idx (B, T) against targets (B, T) without materializing the logits. grad_scale: the
+        cotangent its gradient will be taken with (float16's loss scale; see ops.lm_head_loss)."""
         x, _ = self.trunk(idx, dropout_key=self.dropout_key(rngs))  # (B, T, C)
         c = self.config
-        return lm_head_loss(x, self.wte.embedding[...], targets, c.vocab_size, c.dtype, c.matmul_output)
+        return lm_head_loss(x, self.wte.embedding[...], targets, c.vocab_size, c.dtype, c.matmul_output, grad_scale)
 
     def decode(self, idx, kv_cache, pos):
         """Logits (B, T, V) of idx (B, T) at positions pos..pos+T-1, reading and extending kv_cache."""

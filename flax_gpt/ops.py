@@ -187,8 +187,9 @@ def attention_keep_mask(key, rate: float, shape):
 def causal_attention(q, k, v, dropout_rate: float = 0.0, key=None):
     """Causal self-attention (B, T, nh, hs) -> (B, T, nh, hs); past ATTENTION_BLOCK queries by blocks recomputed in
     the backward pass, as flash attention does, instead of keeping (B, nh, T, T) scores for every layer. With a key,
-    dropout on the attention probabilities (nanoGPT's attn_dropout): always by blocks, the masks recomputed too."""
-    if key is None or dropout_rate == 0:
+    dropout on the attention probabilities (nanoGPT's attn_dropout): always by blocks, the masks recomputed too; so
+    is float16 (see masked_attention)."""
+    if (key is None or dropout_rate == 0) and q.dtype != jnp.float16:
         if q.shape[1] <= ATTENTION_BLOCK or not _custom():
             return autodiff_causal_attention(q, k, v)  # (B, T, nh, hs)
         return _blocked_attention(q, k, v, None, 0.0)  # (B, T, nh, hs)
@@ -200,23 +201,30 @@ def causal_attention(q, k, v, dropout_rate: float = 0.0, key=None):
 def autodiff_causal_attention(q, k, v, dropout_rate: float = 0.0, key=None):
     """causal_attention for JAX autodiff: one XLA jax.nn.dot_product_attention call, or with dropout the blocks'
     forward pass: (B, T, nh, hs) -> (B, T, nh, hs)."""
-    if key is None or dropout_rate == 0:
+    if (key is None or dropout_rate == 0) and q.dtype != jnp.float16:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # (B, T, nh, hs)
     return _blocked_forward(q, k, v, key, dropout_rate)  # (B, T, nh, hs)
 
 
-def _attend_rows(q, k, v, start, key=None, rate: float = 0.0):
-    """Queries q (B, Tq, nh, hs) at positions start.. attend to keys k, v (B, T, nh, hs) at or before them; with a key,
-    the probabilities go through dropout (computed as jax.nn.dot_product_attention's XLA version computes them)."""
-    (start,) = after(q, start)  # else JAX's remat saves this mask, broadcast to (n, B, nh, Tq, T), as a residual
-    visible = jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(q.shape[1])[:, None]  # (Tq, T)
-    if key is None:
+def masked_attention(q, k, v, visible, key=None, rate: float = 0.0):
+    """Queries q (B, Tq, nh, hs) attend to the keys k, v (B, T, nh, hs) that visible (Tq, T) allows: XLA's
+    jax.nn.dot_product_attention, or, with a dropout key or in float16 (whose F16_F16_F32 dot XLA:CPU refuses), the
+    same computation written out, the probabilities through dropout."""
+    if key is None and q.dtype != jnp.float16:
         return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None], implementation="xla")  # (B, Tq, nh, hs)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, nh, Tq, T)
     scores = scores * (1 / math.sqrt(q.shape[-1]))  # (B, nh, Tq, T)
     scores = jnp.where(visible[None, None], scores, jnp.finfo(jnp.float32).min / 2)  # as jax.nn's large negative
     probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key).astype(v.dtype)  # (B, nh, Tq, T)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)  # (B, Tq, nh, hs)
+
+
+def _attend_rows(q, k, v, start, key=None, rate: float = 0.0):
+    """Queries q (B, Tq, nh, hs) at positions start.. attend to keys k, v (B, T, nh, hs) at or before them; with a key,
+    the probabilities go through dropout."""
+    (start,) = after(q, start)  # else JAX's remat saves this mask, broadcast to (n, B, nh, Tq, T), as a residual
+    visible = jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(q.shape[1])[:, None]  # (Tq, T)
+    return masked_attention(q, k, v, visible, key, rate)  # (B, Tq, nh, hs)
 
 
 def _query_blocks(q):
@@ -362,12 +370,14 @@ def loss_in_chunks(n_tokens: int) -> bool:
     return n_tokens > FULL_LOGITS_TOKENS and _custom()
 
 
-def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
+def lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32", grad_scale=None):
     """Mean cross entropy of the logits x @ wte.T (x (B, T, C), wte (Vp, C)) against targets (B, T): up to
-    FULL_LOGITS_TOKENS tokens the full logits (on CPU a small step ran 1.20x slower in chunks), beyond chunk by chunk."""
+    FULL_LOGITS_TOKENS tokens the full logits (on CPU a small step ran 1.20x slower in chunks), beyond chunk by chunk.
+    grad_scale: the cotangent the gradient will be taken with (float16's loss scale): the chunks' gradients, formed
+    in the forward pass, are scaled by it before they are rounded to the compute dtype (else they flush to zero)."""
     if not loss_in_chunks(x.shape[0] * x.shape[1]):
         return autodiff_lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output)
-    return _chunked_lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output)
+    return _chunked_lm_head_loss(x, wte, targets, grad_scale, vocab_size, dtype, matmul_output)
 
 
 def autodiff_lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
@@ -375,17 +385,17 @@ def autodiff_lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_o
     return cross_entropy(tied_logits(x, wte, vocab_size, dtype, matmul_output), targets)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked_lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_lm_head_loss(x, wte, targets, grad_scale, vocab_size: int, dtype: str, matmul_output: str = "float32"):
     """lm_head_loss by LOSS_CHUNK tokens; under autodiff its forward pass forms the gradients too, chunk by chunk
     (the loss is the last op: its cotangent only scales them), so no matmul is recomputed."""
     return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output)[0]
 
 
 def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str, with_dx: bool = False,
-                  dw_total=None):
+                  dw_total=None, grad_scale=None):
     """(mean loss, dx (B, T, C) or None, dw_total + dwte (Vp, C) or None), LOSS_CHUNK tokens at a time: dx with
-    with_dx, the weight gradient (added to dw_total) when dw_total is given."""
+    with_dx, the weight gradient (added to dw_total) when dw_total is given; both times grad_scale if given."""
     B, T, C = x.shape
     n = B * T
     w = wte.astype(dtype)  # (Vp, C)
@@ -405,7 +415,8 @@ def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: s
             return (loss_sum, None), None
         is_target = jnp.arange(logits.shape[1])[None, :] == t_i[:, None]  # (N_i, Vp)
         probs = jnp.where(real[:, None], jnp.exp(logits - lse[:, None]), 0.0)  # (N_i, Vp)
-        dlogits = ((probs - is_target) / n).astype(dtype)  # (N_i, Vp)
+        d = (probs - is_target) / n if grad_scale is None else (probs - is_target) * (grad_scale / n)  # (N_i, Vp)
+        dlogits = d.astype(dtype)  # (N_i, Vp)
         dx_i = _dot(dlogits, w, (1, 0), matmul_output) if with_dx else None  # (N_i, C)
         dw = _dot(dlogits, x_i, (0, 0), matmul_output) if with_dw else None  # (Vp, C)
         return (loss_sum, dw), dx_i
@@ -417,28 +428,33 @@ def _lm_head_loss(x, wte, targets, vocab_size: int, dtype: str, matmul_output: s
     return loss_sum / n, dx, None if dw is None else dw.astype(wte.dtype)
 
 
-def lm_head_loss_and_dx(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
-    """(mean loss, its gradient (B, T, C) with respect to x) of lm_head_loss, chunk by chunk, without the weight
-    gradient: add_lm_head_dw forms that later (flax_gpt.remat, once the blocks' backward pass is done)."""
-    return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_dx=True)[:2]
+def lm_head_loss_and_dx(x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32",
+                        grad_scale=None):
+    """(mean loss, its gradient (B, T, C) with respect to x, times grad_scale if given) of lm_head_loss, chunk by
+    chunk, without the weight gradient: add_lm_head_dw forms that later (flax_gpt.remat, after the blocks')."""
+    return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_dx=True, grad_scale=grad_scale)[:2]
 
 
-def add_lm_head_dw(dw_total, x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32"):
-    """dw_total (Vp, C) plus the gradient of lm_head_loss with respect to wte, its logits recomputed chunk by
-    chunk and each chunk's gradient added in place."""
-    return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, dw_total=dw_total)[2]
+def add_lm_head_dw(dw_total, x, wte, targets, vocab_size: int, dtype: str, matmul_output: str = "float32",
+                   grad_scale=None):
+    """dw_total (Vp, C) plus the gradient of lm_head_loss with respect to wte (times grad_scale if given), its
+    logits recomputed chunk by chunk and each chunk's gradient added in place."""
+    return _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, dw_total=dw_total, grad_scale=grad_scale)[2]
 
 
-def _lm_head_loss_fwd(x, wte, targets, vocab_size, dtype, matmul_output):
+def _lm_head_loss_fwd(x, wte, targets, grad_scale, vocab_size, dtype, matmul_output):
     loss, dx, dw = _lm_head_loss(x, wte, targets, vocab_size, dtype, matmul_output, with_dx=True,
-                                 dw_total=jnp.zeros(wte.shape, jnp.float32))
-    return loss, (dx, dw, targets)  # dx (B, T, C), dw (Vp, C)
+                                 dw_total=jnp.zeros(wte.shape, jnp.float32), grad_scale=grad_scale)
+    return loss, (dx, dw, targets, grad_scale)  # dx (B, T, C), dw (Vp, C), both times grad_scale if given
 
 
-# Equals jax.vjp(autodiff_lm_head_loss, x, wte, targets, ...)[1](g) for (dx, dwte), from gradients formed forward.
+# Equals jax.vjp(autodiff_lm_head_loss, x, wte, targets, ...)[1](g) for (dx, dwte), from gradients formed forward
+# (formed times grad_scale, so g / grad_scale is 1 when g is that scale).
 def _lm_head_loss_bwd(vocab_size, dtype, matmul_output, saved, g):
-    dx, dw, targets = saved
-    return g * dx, g * dw, None
+    dx, dw, targets, grad_scale = saved
+    if grad_scale is not None:
+        g = g / grad_scale
+    return g * dx, g * dw, None, None
 
 
 _chunked_lm_head_loss.defvjp(_lm_head_loss_fwd, _lm_head_loss_bwd)

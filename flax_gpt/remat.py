@@ -49,9 +49,9 @@ def trunk(model: GPT, idx, dropout_key=None):
     return h, ln_f_vjp, inputs, layer_keys
 
 
-def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets, dropout_key=None):
+def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets, dropout_key=None, grad_scale=None):
     """(mean cross entropy, gradients shaped like params) of one (B, T) batch, blocks recomputed (and their dropout
-    masks, from the same keys)."""
+    masks, from the same keys); the gradients times grad_scale when one is given (float16's loss scale)."""
     model = nnx.merge(graphdef, params)
     c = model.config
     block_def, block_params = nnx.split(model.h)  # parameters with a leading n_layer axis
@@ -61,10 +61,10 @@ def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets, drop
     h, ln_f_vjp, inputs, layer_keys = trunk(model, idx, dropout_key)  # (B, T, C), ln_f's vjp, (L, B, T, C), keys
     defer = ops.loss_in_chunks(targets.size)  # else the logits are small: keep their weight gradient
     if defer:
-        loss, dh = ops.lm_head_loss_and_dx(h, wte, targets, *head)  # (), (B, T, C)
+        loss, dh = ops.lm_head_loss_and_dx(h, wte, targets, *head, grad_scale)  # (), (B, T, C)
     else:
         loss, head_vjp = jax.vjp(lambda h, w: ops.lm_head_loss(h, w, targets, *head), h, wte)
-        dh, d_wte = head_vjp(jnp.ones((), jnp.float32))  # (B, T, C), (Vp, C)
+        dh, d_wte = head_vjp(jnp.ones((), jnp.float32) if grad_scale is None else grad_scale)  # (B, T, C), (Vp, C)
     dx, d_ln_f = ln_f_vjp(dh)  # (B, T, C), ln_f's gradients
 
     def backward(i, carry):
@@ -81,7 +81,8 @@ def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets, drop
     dx, d_blocks = jax.lax.fori_loop(0, c.n_layer, backward, (dx, d_blocks))  # dx: (B, T, C) after the embeddings
     dx = ops.dropout(dx, c.dropout, site_key(dropout_key, 0))  # (B, T, C) at the embeddings: dropout is its own vjp
     if defer:
-        d_wte = ops.add_lm_head_dw(*ops.after(dx, jnp.zeros(wte.shape, jnp.float32), h, wte, targets), *head)
+        d_wte = ops.add_lm_head_dw(*ops.after(dx, jnp.zeros(wte.shape, jnp.float32), h, wte, targets), *head,
+                                   grad_scale)
     d_wte = d_wte.at[idx].add(dx)  # (Vp, C): the token embedding's rows
     T = idx.shape[1]
     d_wpe = jnp.zeros(model.wpe.embedding.shape, jnp.float32).at[:T].set(dx.sum(0))  # (block_size, C)

@@ -202,7 +202,7 @@ def _checkpoint_meta(cfg: TrainConfig, source: Path, dtype: str, config: GPTConf
     """What every checkpoint's meta holds besides the step and the loader: the model, the flags as resolved (paths
     absolute, dtype as trained), the data record, the W&B run id (a resumed run logs on into the same W&B run)."""
     saved_cfg = dataclasses.replace(cfg, data=str(source), extend_steps=0,
-                                    dtype={"float32": "fp32", "bfloat16": "bf16"}[dtype],
+                                    dtype=devices.FLAG_DTYPES[dtype],
                                     hellaswag=cfg.hellaswag and str(Path(cfg.hellaswag).expanduser().resolve()))
     meta = {"model_config": resume.config_record(config), "train_config": dataclasses.asdict(saved_cfg),
             "data": data, "seed": cfg.seed}

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from flax_gpt import generate, run_setup, train_hellaswag
+from flax_gpt import generate, loss_scale, run_setup, train_hellaswag
 from flax_gpt.checkpoint import DIVERGED_SUFFIX
 from flax_gpt.errors import UserError
 from flax_gpt.metrics import flops_per_token, mfu, peak_device_memory_gib
@@ -37,7 +37,8 @@ class Diverged(Exception):
 
 
 class StepRecorder:
-    """Each step's device metrics -> a metrics.jsonl record, the progress bar, a log line; NaN/inf -> Diverged."""
+    """Each step's device metrics -> a metrics.jsonl record, the progress bar, a log line; NaN/inf -> Diverged,
+    except on a float16 step the loss scaler skipped (a loss scale that collapses stops the run)."""
 
     def __init__(self, r: TrainRun, bar, flops_per_step: float, peak: float | None, log_every: int | None):
         self.r, self.bar, self.flops_per_step, self.peak, self.log_every = r, bar, flops_per_step, peak, log_every
@@ -49,12 +50,18 @@ class StepRecorder:
         now = time.perf_counter()
         dt, self.last_time = now - self.last_time, now
         self.first_step_s = dt if self.first_step_s is None else self.first_step_s
-        if not math.isfinite(m["loss"]):
+        skipped = bool(m.get("skipped", False))
+        if skipped:
+            check_loss_scale(m["loss_scale"] * loss_scale.BACKOFF_FACTOR, step, int(m["skipped_steps"]))
+        elif not math.isfinite(m["loss"]):
             raise Diverged(step, step, f"loss is {m['loss']} at step {step}")
-        if not math.isfinite(m["grad_norm"]):  # the update of this step made the parameters NaN
+        elif not math.isfinite(m["grad_norm"]):  # the update of this step made the parameters NaN
             raise Diverged(step, step + 1, f"gradient norm is {m['grad_norm']} at step {step}")
-        rec = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "ms_per_step": dt * 1e3,
-               "tokens_per_s": self.r.tokens_per_step / dt, "mfu": mfu(self.flops_per_step / dt, self.peak)}
+        rec = {"step": step, "loss": finite_or_none(m["loss"]), "lr": m["lr"], "grad_norm": finite_or_none(m["grad_norm"]),
+               "ms_per_step": dt * 1e3, "tokens_per_s": self.r.tokens_per_step / dt,
+               "mfu": mfu(self.flops_per_step / dt, self.peak)}
+        if "loss_scale" in m:  # float16: the scale this step ran with, whether it was skipped, skips so far
+            rec |= {"loss_scale": m["loss_scale"], "skipped": skipped, "skipped_steps": int(m["skipped_steps"])}
         self.r.metrics_log.write(rec)
         self.first_loss = m["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = m["loss"]
@@ -62,8 +69,23 @@ class StepRecorder:
         self.bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", **shown, refresh=False)
         self.bar.update(1)
         if self.log_every and step % self.log_every == 0 and self.r.is_main:  # build-nanogpt's line
+            scaled = (f" | scale {m['loss_scale']:.0f}" + (f" | skipped (inf/nan gradients; {rec['skipped_steps']} so far)"
+                                                          if skipped else "")) if "loss_scale" in m else ""
             self.bar.write(f"step {step:5d} | loss {m['loss']:.6f} | lr {m['lr']:.4e} | norm {m['grad_norm']:.4f} | "
-                           f"dt {dt * 1e3:.2f}ms | tok/s {rec['tokens_per_s']:,.0f}", file=sys.stdout)
+                           f"dt {dt * 1e3:.2f}ms | tok/s {rec['tokens_per_s']:,.0f}{scaled}", file=sys.stdout)
+
+
+def finite_or_none(x: float) -> float | None:
+    """x, or None (JSON null) for an inf or NaN (a skipped float16 step's gradient norm)."""
+    return x if math.isfinite(x) else None
+
+
+def check_loss_scale(scale: float, step: int, skipped: int) -> None:
+    """Stop a float16 run whose loss scale has collapsed: its gradients overflow even unscaled."""
+    if scale < loss_scale.MIN_SCALE:
+        raise UserError(f"the float16 loss scale fell to {scale:.1e} at step {step} ({skipped} steps skipped on inf/NaN "
+                        "gradients): the model overflows float16 even unscaled; train with --dtype bf16 or fp32, or a "
+                        "lower --lr")
 
 
 def evaluate(r: TrainRun) -> float:

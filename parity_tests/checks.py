@@ -76,6 +76,16 @@ BF16_OWN_GRAD_FLOOR = 5e-4
 # masks of each side's own, flax against torch's F.dropout: a 4-sigma bound on the difference in standard errors.
 DROPOUT_CHANGES_FLOOR = 1e-3
 DROPOUT_MEAN_SIGMAS = 4.0
+# float16 (fp16_checks.py), flax against torch autocast(float16) on the CPU (3 more mantissa bits than bf16): logits
+# measured 6.8e-4 to 8.4e-4, KL 8.6e-8 to 1.9e-7, gradients (both taken times the 65536 loss scale) 1.3e-3. Each side
+# against its own fp32 run: blocks' output 5.6e-4 to 7.4e-4, least changed gradient 2.8e-4 to 3.6e-4 (the floors).
+# The GradScaler trajectory with forced overflows: worst per-step loss 2.6e-5.
+FP16_REL = 5e-3
+FP16_KL = 2e-6
+FP16_GRAD_REL = 1e-2
+FP16_OWN_FLOOR = 1e-4
+FP16_OWN_GRAD_FLOOR = 5e-5
+FP16_TRAJECTORY_REL = 3e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,12 +371,13 @@ def flax_hidden(model: GPT, idx: np.ndarray) -> np.ndarray:
     return np.asarray(model.trunk(jnp.asarray(idx))[0])
 
 
-def torch_hidden_and_logits(model: torch_ref.GPT, idx: np.ndarray, autocast: bool) -> tuple[np.ndarray, np.ndarray]:
-    """torch_ref's ln_f output (B, T, C) and logits (B, T, V) of idx, both float32, under autocast(bfloat16) or not."""
+def torch_hidden_and_logits(model: torch_ref.GPT, idx: np.ndarray, autocast: bool,
+                            dtype: torch.dtype = torch.bfloat16) -> tuple[np.ndarray, np.ndarray]:
+    """torch_ref's ln_f output (B, T, C) and logits (B, T, V) of idx, both float32, under autocast(dtype) or not."""
     hidden = []
     hook = model.transformer.ln_f.register_forward_hook(lambda module, args, out: hidden.append(out.float()))
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=autocast):
             logits, _ = model(torch.from_numpy(idx))
     finally:
         hook.remove()

@@ -29,8 +29,10 @@ def train_step(
     lr: float,
     grad_clip: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float]:
-    """One optimizer step over len(micro_batches) accumulated micro batches of (x, y), each (B, T).
+    """One optimizer step over len(micro_batches) accumulated micro batches of (x, y), each (B, T); with a
+    GradScaler (float16 autocast), as torch's AMP recipe: scaled backward, unscale_, clip, scaler.step, update.
 
     Returns (mean loss over the micro batches, gradient norm before clipping).
     """
@@ -47,10 +49,16 @@ def train_step(
         # the loss is a mean over each micro batch; scale so the gradients add up to the full batch mean
         loss = loss / grad_accum_steps
         loss_accum += loss.detach().item()
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the gradients unscaled in place, inf/NaN noted
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when the gradients hold an inf or NaN
+        scaler.update()
     optimizer.zero_grad()
     return loss_accum, float(norm)
