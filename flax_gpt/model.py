@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt.config import GPTConfig
-from flax_gpt.ops import causal_attention, cross_entropy, gelu, layer_norm, lm_head_loss, matmul, tied_logits
+from flax_gpt.ops import (causal_attention, cross_entropy, gelu, gelu_exact, layer_norm, lm_head_loss, matmul,
+                          tied_logits)
 
 INIT_STD = 0.02
 
@@ -99,17 +100,18 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """c_fc to 4C, GPT-2's tanh GELU, c_proj back to C."""
+    """c_fc to 4C, config.gelu's GELU (GPT-2's tanh approximation or nanoGPT's exact erf), c_proj back to C."""
 
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
         C = config.n_embd
         proj_std = INIT_STD / math.sqrt(2 * config.n_layer)
         self.c_fc = _linear(config, C, 4 * C, INIT_STD, rngs)
         self.c_proj = _linear(config, 4 * C, C, proj_std, rngs)
+        self.exact_gelu = config.gelu == "exact"
 
     def __call__(self, x):
         x = self.c_fc(x)  # (B, T, 4C)
-        x = gelu(x)  # GPT-2's tanh GELU
+        x = gelu_exact(x) if self.exact_gelu else gelu(x)  # (B, T, 4C)
         return self.c_proj(x)  # (B, T, C)
 
 

@@ -263,6 +263,31 @@ def grads_flax_vs_torch_ref(shape: str) -> Measurement:
     return Measurement(f"gradients flax vs torch_ref [{shape}] worst param relative", worst, GRAD_REL)
 
 
+# nanoGPT's exact GELU against GPT-2's tanh one, same weights: logits move by 4.9e-4 to 8.6e-4 (tiny, odd, deep);
+# below the floor the exact-GELU check compared two tanh models, past the bound it is no GELU of either kind
+EXACT_GELU_FLOOR = 1e-4
+EXACT_VS_TANH_MAX_ABS = 1e-2
+
+
+def exact_gelu_flax_vs_torch_ref(shape: str) -> tuple[Measurement, Measurement, Measurement]:
+    """gelu="exact" (nanoGPT's erf GELU) in flax and torch_ref (nn.GELU()), the same weights: logits and every
+    gradient; and flax's exact logits against transformers' tanh ones, which must differ (floor EXACT_GELU_FLOOR)."""
+    idx = tokens(shape)
+    model = GPT.from_pretrained(hf_dir(shape), gelu="exact")
+    ref = torch_ref.flax_to_torch(model).eval()  # torch_ref's config carries gelu="exact"
+    with torch.no_grad():
+        theirs, _ = ref(torch.from_numpy(idx))  # (B, T, V)
+    ours = flax_logits(model, idx)  # (B, T, V)
+    fg, tg = flax_grads(model, idx), torch_grads(ref, idx)
+    assert fg.keys() == tg.keys()
+    return (Measurement(f"exact GELU logits flax vs torch_ref [{shape}] max abs", max_abs(ours, theirs.numpy()),
+                        LOGITS_MAX_ABS),
+            Measurement(f"exact GELU gradients flax vs torch_ref [{shape}] worst param relative",
+                        max(rel(fg[k], tg[k]) for k in tg), GRAD_REL),
+            Measurement(f"exact GELU flax vs tanh GELU transformers logits [{shape}] max abs",
+                        max_abs(ours, hf_logits(shape, idx)), EXACT_VS_TANH_MAX_ABS, EXACT_GELU_FLOOR))
+
+
 def remat_grads(shape: str) -> Measurement:
     """Rematerialised blocks (jax.checkpoint) give the same gradients.
 
@@ -781,7 +806,8 @@ def all_forward_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
     out = []
     for shape in shapes:
         out += [logits_flax_vs_hf(shape), logits_torch_ref_vs_hf(shape), loss_flax_vs_hf(shape),
-                grads_flax_vs_torch_ref(shape), *bf16_vs_autocast(shape), *bf16_grads_vs_autocast(shape), bf16_dots(shape), causality(shape),
+                grads_flax_vs_torch_ref(shape), *exact_gelu_flax_vs_torch_ref(shape), *bf16_vs_autocast(shape),
+                *bf16_grads_vs_autocast(shape), bf16_dots(shape), causality(shape),
                 causality_by_gradient(shape), round_trip_flax_torch_flax(shape),
                 state_dict_round_trip(shape), jit_vs_eager(shape), remat_grads(shape),
                 *remat_train_grads(shape), *remat_train_grads(shape, "bfloat16"),
