@@ -155,6 +155,7 @@ class GPT(nn.Module):
             n_layer=hf_config.n_layer,
             n_head=hf_config.n_head,
             n_embd=hf_config.n_embd,
+            gelu="exact" if hf_config.activation_function == "gelu" else "tanh",  # "gelu": torch's exact GELU
         )
         model = GPT(config)
         load_state_dict(model, hf_to_torch_state_dict(hf_model.state_dict()))
