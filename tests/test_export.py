@@ -144,6 +144,17 @@ def test_other_hf_activation_functions_are_refused_in_one_line():
         config_from_hf({"activation_function": "relu"})
 
 
+@pytest.mark.parametrize("fmt, gelu, note", [
+    ("nanogpt", "exact", None), ("build-nanogpt", "tanh", None),
+    ("nanogpt", "tanh", "note: nanoGPT's model.py computes the exact (erf) GELU, this model GPT-2's tanh GELU: the "
+                        "same weights give logits ~1e-3 apart there (docs/interop.md)"),
+    ("build-nanogpt", "exact", "note: build-nanogpt's train_gpt2.py computes GPT-2's tanh GELU, this model the exact "
+                               "(erf) GELU: the same weights give logits ~1e-3 apart there (docs/interop.md)"),
+])
+def test_a_pt_export_notes_a_gelu_their_model_does_not_compute(fmt, gelu, note):
+    assert torch_ckpt.gelu_note(preset("tiny", gelu=gelu), fmt) == note
+
+
 def test_save_pretrained_returns_what_it_wrote(odd_model, tmp_path):
     result = export.save_pretrained(odd_model, tmp_path / "a" / "b")  # missing parents are created
     assert result["n_params"] == odd_model.num_params(non_embedding=False) - (128 - 101) * 48  # no padding rows
