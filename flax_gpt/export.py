@@ -70,7 +70,11 @@ def save_pretrained(model: GPT, out_dir: str | Path, overwrite: bool = False) ->
 
 
 def save_torch_checkpoint(run: TrainedModel, out: str | Path, fmt: str, overwrite: bool = False) -> dict:
-    """Write run as a build-nanogpt or nanoGPT checkpoint file; returns {"out", "optimizer", "n_params"}."""
+    """Write run as a build-nanogpt or nanoGPT checkpoint file; returns {"out", "optimizer", "n_params", "note"}.
+
+    A model whose GELU is not the one fmt's model.py computes is written all the same, as a nanoGPT user moving a
+    run there expects: "note" (else None) is the one line that says their logits differ (torch_ckpt.gelu_note).
+    """
     torch_ckpt.require_torch()
     out = check_file_target(out, overwrite)
     if fmt == "build-nanogpt":
@@ -90,7 +94,8 @@ def save_torch_checkpoint(run: TrainedModel, out: str | Path, fmt: str, overwrit
         if not done:
             _remove_empty(created)
     n_params = sum(t.numel() for k, t in ckpt["model"].items() if k != "lm_head.weight")
-    return {"out": str(out), "optimizer": optimizer, "n_params": n_params}
+    return {"out": str(out), "optimizer": optimizer, "n_params": n_params,
+            "note": torch_ckpt.gelu_note(run.model.config, fmt)}
 
 
 def check_file_target(out: str | Path, overwrite: bool) -> Path:
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {result['out']}: {args.format} checkpoint, weights{optimizer}")
     print(f"{result['n_params']:,} params ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
           f"vocab {c.vocab_size}, block_size {c.block_size})")
+    if result.get("note"):
+        print(result["note"])
     return 0
 
 

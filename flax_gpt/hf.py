@@ -28,6 +28,9 @@ HUB_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Keys a GPT-2 file may hold that carry no parameter: the tied head and old causal-mask buffers.
 _IGNORED = re.compile(r"^(lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))$")
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+# config.json's activation_function -> GPTConfig.gelu: GPT-2's tanh approximation (two names), torch's exact GELU
+GELU_FROM_HF = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "exact"}
+GELU_TO_HF = {"tanh": "gelu_new", "exact": "gelu"}
 
 
 class CheckpointError(UserError):
@@ -56,8 +59,11 @@ def config_from_hf(hf: Mapping, **overrides) -> GPTConfig:
     """GPTConfig from the dict in an HF GPT-2 config.json; unsupported variants raise."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"config.json has model_type {hf.get('model_type')!r}, expected 'gpt2'")
+    activation = hf.get("activation_function", "gelu_new")
+    if not isinstance(activation, str) or activation not in GELU_FROM_HF:
+        raise CheckpointError(f"config.json: activation_function={activation!r} is not supported (GPT-2's 'gelu_new' "
+                              "or 'gelu_pytorch_tanh', or the exact 'gelu')")
     checks = {
-        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
         "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
         "n_inner": (hf.get("n_inner"), (None, 4 * hf.get("n_embd", 768))),
         "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
@@ -70,6 +76,7 @@ def config_from_hf(hf: Mapping, **overrides) -> GPTConfig:
     fields = dict(
         block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf.get("vocab_size", 50257),
         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
+        gelu=GELU_FROM_HF[activation],
     )
     try:
         return GPTConfig(**{**fields, **overrides})
@@ -81,7 +88,7 @@ def config_to_hf(config: GPTConfig) -> dict:
     """The config.json dict transformers needs to build the same GPT-2."""
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "activation_function": GELU_TO_HF[config.gelu], "layer_norm_epsilon": 1e-5,
         "n_positions": config.block_size, "n_ctx": config.block_size, "vocab_size": config.vocab_size,
         "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt.config import GPTConfig
-from flax_gpt.ops import (attention_keep_mask, causal_attention, cross_entropy, dropout, gelu, keep_mask, layer_norm,
-                          lm_head_loss, masked_attention, matmul, tied_logits)
+from flax_gpt.ops import (attention_keep_mask, causal_attention, cross_entropy, dropout, gelu, gelu_exact, keep_mask,
+                          layer_norm, lm_head_loss, masked_attention, matmul, tied_logits)
 
 INIT_STD = 0.02
 
@@ -111,18 +111,19 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """c_fc to 4C, GPT-2's tanh GELU, c_proj back to C."""
+    """c_fc to 4C, config.gelu's GELU (GPT-2's tanh approximation or nanoGPT's exact erf), c_proj back to C."""
 
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
         C = config.n_embd
         proj_std = INIT_STD / math.sqrt(2 * config.n_layer)
         self.c_fc = _linear(config, C, 4 * C, INIT_STD, rngs)
         self.c_proj = _linear(config, 4 * C, C, proj_std, rngs)
+        self.exact_gelu = config.gelu == "exact"
         self.dropout = config.dropout
 
     def __call__(self, x, dropout_key=None):
         x = self.c_fc(x)  # (B, T, 4C)
-        x = gelu(x)  # GPT-2's tanh GELU
+        x = gelu_exact(x) if self.exact_gelu else gelu(x)  # (B, T, 4C)
         return dropout(self.c_proj(x), self.dropout, dropout_key)  # (B, T, C)
 
 

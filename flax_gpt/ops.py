@@ -3,6 +3,7 @@ and is tested against (autodiff_*: the formula, differentiated by JAX). What the
 
     layer_norm         keeps its input and two statistics per row (autodiff: three float32 copies)
     gelu               GPT-2's tanh GELU keeping its input and tanh (autodiff: six (B, T, 4C) tensors)
+    gelu_exact         nanoGPT's exact (erf) GELU keeping only its input
     causal_attention   XLA attention over blocks of queries, each block recomputed in the backward pass (with
                        dropout, each block's mask too: only the key is kept)
     matmul             a bf16 x bf16 -> f32 dot whose backward runs in bf16 too (low_precision_matmul)
@@ -157,6 +158,41 @@ def _gelu_bwd(saved, g):
 
 
 _gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+SQRT_HALF = math.sqrt(0.5)
+INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+
+
+def gelu_exact(x):
+    """nanoGPT's (torch's nn.GELU()) exact GELU: 0.5 x (1 + erf(x / sqrt 2)), in x's dtype."""
+    return (_gelu_exact if _custom() else autodiff_gelu_exact)(x)
+
+
+def autodiff_gelu_exact(x):
+    """gelu_exact written out as jax.nn.gelu(approximate=False) computes it, for JAX autodiff: (...) -> (...)."""
+    return 0.5 * x * jax.lax.erfc(-x * jnp.asarray(SQRT_HALF, x.dtype))  # (..., 4C)
+
+
+@jax.custom_vjp
+def _gelu_exact(x):
+    """gelu_exact keeping only x for the backward pass."""
+    return autodiff_gelu_exact(x)
+
+
+def _gelu_exact_fwd(x):
+    return autodiff_gelu_exact(x), (x,)  # x in its own dtype
+
+
+# Equals jax.vjp(autodiff_gelu_exact, x)[1](g), the slope Phi(x) + x phi(x) formed in float32.
+def _gelu_exact_bwd(saved, g):
+    (x,) = after(g, *saved)
+    x32 = x.astype(jnp.float32)  # (..., 4C)
+    slope = 0.5 * jax.lax.erfc(-x32 * SQRT_HALF) + x32 * INV_SQRT_2PI * jnp.exp(-0.5 * x32 * x32)  # (..., 4C)
+    return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
+
+
+_gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
 
 
 # ----------------------------------------------------------------------------- dropout, attention

@@ -6,13 +6,14 @@
 
 Reading: a file is recognised by its keys. torch.load(weights_only=True) reads it, so nothing in it can run code;
 a pickled `<any module>.GPTConfig` is read as data (a stand-in class, registered under that name, keeps its
-fields). Only the weights move in: nn.Linear (out, in) weights are transposed, lm_head.weight must equal wte
-(tied), a vocabulary of 50304 (GPT-2's 50257 padded) becomes 50257, and nanoGPT's dropout is dropped.
-Writing: the same dicts (nn.Linear layout, lm_head.weight tied to wte, the true vocabulary). build-nanogpt's
-config is pickled as `__main__.GPTConfig`, as its train_gpt2.py writes it. nanoGPT's optimizer is a
-torch.optim.AdamW state dict with nanoGPT's two parameter groups, holding a training run's AdamW moments.
-nanoGPT's own model.py computes GELU exactly (erf), not with GPT-2's tanh: its logits of the same weights
-differ from ours by up to ~1e-3 (docs/interop.md).
+fields). The weights move in: nn.Linear (out, in) weights are transposed, lm_head.weight must equal wte
+(tied), a vocabulary of 50304 (GPT-2's 50257 padded) becomes 50257. Each model computes what its model.py does:
+nanoGPT's with the exact (erf) GELU and model_args' dropout, build-nanogpt's with GPT-2's tanh GELU, no dropout.
+Writing: the same dicts (nn.Linear layout, lm_head.weight tied to wte, the true vocabulary; nanoGPT's dropout).
+build-nanogpt's config is pickled as `__main__.GPTConfig`, as its train_gpt2.py writes it. nanoGPT's optimizer is
+a torch.optim.AdamW state dict with nanoGPT's two parameter groups, holding a training run's AdamW moments.
+Neither file can name a GELU, so a model of the other GELU is written all the same (its weights are what a user
+moves) and gelu_note says what their model.py then computes differently: logits ~1e-3 apart (docs/interop.md).
 """
 
 from __future__ import annotations
@@ -99,24 +100,24 @@ def _pickled_globals(path: Path) -> set[tuple[str, str]]:
 def load(path: Path, **numerics) -> GPT:
     """The GPT in a build-nanogpt or nanoGPT checkpoint; numerics as in load.load_model (dtype, remat, ...)."""
     ckpt = read(path)
-    fields = _model_fields(ckpt, path)
-    config = _config(fields, path, **numerics)
+    fmt, fields = _model_fields(ckpt, path)
+    config = _config(fmt, fields, path, **numerics)
     return from_hf_state_dict(_hf_tensors(ckpt["model"], config, path), config)
 
 
-def _model_fields(ckpt, path: Path) -> dict:
-    """The model's config fields: nanoGPT's model_args, or build-nanogpt's pickled GPTConfig."""
+def _model_fields(ckpt, path: Path) -> tuple[str, dict]:
+    """(format, the model's config fields): nanoGPT's model_args, or build-nanogpt's pickled GPTConfig."""
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         if isinstance(ckpt.get("model_args"), dict):
-            return ckpt["model_args"]
+            return "nanogpt", ckpt["model_args"]
         if isinstance(ckpt.get("config"), dict) and "n_layer" in ckpt["config"]:
-            return ckpt["config"]
+            return "build-nanogpt", ckpt["config"]
     keys = ", ".join(map(repr, list(ckpt)[:6])) if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
     raise CheckpointError(f"{path}: neither a build-nanogpt checkpoint ('model' + 'config') nor a nanoGPT one "
                           f"('model' + 'model_args'); it holds {keys}")
 
 
-def _config(fields: dict, path: Path, **numerics) -> GPTConfig:
+def _config(fmt: str, fields: dict, path: Path, **numerics) -> GPTConfig:
     if fields.get("bias", True) is not True:
         raise CheckpointError(f"{path}: a nanoGPT model with bias={fields['bias']!r}; flax_gpt's GPT-2 has a bias in "
                               "every Linear and LayerNorm, so it cannot hold it (train with bias=True to move here)")
@@ -125,8 +126,13 @@ def _config(fields: dict, path: Path, **numerics) -> GPTConfig:
     shape = {k: fields[k] for k in SHAPE_FIELDS}
     if shape["vocab_size"] == GPT2_PADDED_VOCAB:
         shape["vocab_size"] = GPT2_VOCAB  # the padding rows are never a target; our logits stop at 50257
+    if fmt == "nanogpt":  # its model.py: nn.GELU() (erf), nn.Dropout(model_args' dropout)
+        dropout = fields.get("dropout", 0.0)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise CheckpointError(f"{path}: model_args' dropout is {dropout!r}, not a number")
+        shape.update(gelu="exact", dropout=float(dropout))
     try:
-        return GPTConfig(**shape, **numerics)
+        return GPTConfig(**{**shape, **numerics})
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -169,8 +175,24 @@ def _torch_tensors(model: GPT) -> dict:
             for k in torch_names(model.config.n_layer)}
 
 
+# The GELU each format's model.py computes: what a model of the other one changes there (gelu_note)
+FORMAT_GELU = {"build-nanogpt": "tanh", "nanogpt": "exact"}
+_GELU_NAMES = {"tanh": "GPT-2's tanh GELU", "exact": "the exact (erf) GELU"}
+
+
+def gelu_note(config: GPTConfig, fmt: str) -> str | None:
+    """One line saying that fmt's model.py computes another GELU than config's, or None where they agree."""
+    theirs = FORMAT_GELU[fmt]
+    if config.gelu == theirs:
+        return None
+    script = "build-nanogpt's train_gpt2.py" if fmt == "build-nanogpt" else "nanoGPT's model.py"
+    return (f"note: {script} computes {_GELU_NAMES[theirs]}, this model {_GELU_NAMES[config.gelu]}: the same weights "
+            "give logits ~1e-3 apart there (docs/interop.md)")
+
+
 def build_nanogpt_checkpoint(model: GPT, step: int = 0, val_loss: float | None = None) -> dict:
-    """What build-nanogpt's train_gpt2.py saves: its GPT(ckpt['config']).load_state_dict(ckpt['model']) loads it."""
+    """What build-nanogpt's train_gpt2.py saves: its GPT(ckpt['config']).load_state_dict(ckpt['model']) loads it
+    (with GPT-2's tanh GELU: gelu_note says so for an exact-GELU model)."""
     c = model.config
     config = GPTConfigRecord(block_size=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                              n_embd=c.n_embd)
@@ -179,7 +201,8 @@ def build_nanogpt_checkpoint(model: GPT, step: int = 0, val_loss: float | None =
 
 def nanogpt_checkpoint(model: GPT, iter_num: int = 0, best_val_loss: float = 1e9, optim: OptimConfig | None = None,
                        adam: tuple[GPT, GPT, int] | None = None) -> dict:
-    """What nanoGPT's train.py saves, for its sample.py and `train.py --init_from=resume`.
+    """What nanoGPT's train.py saves, for its sample.py and `train.py --init_from=resume`: model_args carry
+    config.dropout; its model.py computes the exact GELU (gelu_note says so for a tanh-GELU model).
 
     adam: the run's AdamW moments (mu, nu as GPTs of model's shape) and update count; without it the optimizer
     state is empty and nanoGPT's AdamW starts afresh. optim: the run's AdamW settings (default OptimConfig()).
@@ -187,7 +210,7 @@ def nanogpt_checkpoint(model: GPT, iter_num: int = 0, best_val_loss: float = 1e9
     optim = optim or OptimConfig()
     c = model.config
     model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=True,
-                      vocab_size=c.vocab_size, dropout=0.0)
+                      vocab_size=c.vocab_size, dropout=c.dropout)
     state = torch_state_dict(model)
     # the run's settings under nanoGPT's flag names, for the record (its train.py reads its own flags)
     config = {**model_args, "learning_rate": optim.lr, "min_lr": optim.lr * optim.min_lr_ratio,

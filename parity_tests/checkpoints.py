@@ -225,13 +225,14 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 # ----------------------------------------------------------------------------- the originals' .pt files
 
 
-def torch_ref_model(hf_model):
-    """A torch_ref.GPT (eval) holding hf_model's weights: the originals' nn.Linear layout."""
+def torch_ref_model(hf_model, gelu: str = "tanh", dropout: float = 0.0):
+    """A torch_ref.GPT (eval) holding hf_model's weights: the originals' nn.Linear layout; gelu="exact" and a
+    dropout for nanoGPT's model."""
     import torch_ref
 
     c = hf_model.config
     config = torch_ref.GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                                 n_head=c.n_head, n_embd=c.n_embd)
+                                 n_head=c.n_head, n_embd=c.n_embd, gelu=gelu, dropout=dropout)
     model = torch_ref.load_state_dict(torch_ref.GPT(config), torch_ref.hf_to_torch_state_dict(hf_model.state_dict()))
     return model.eval()
 
@@ -240,7 +241,8 @@ def load_as_the_originals_do(path: Path):
     """(torch_ref.GPT, the dict) of a .pt read as the originals' scripts read theirs: torch.load(weights_only=False)
     in a __main__ that defines GPTConfig (train_gpt2.py), GPT(ckpt['config']) for build-nanogpt,
     GPT(GPTConfig(**model_args)) with '_orig_mod.' stripped for nanoGPT; load_state_dict strict. torch_ref stands
-    for their GPT (the same modules, parameter names and order; its GPTConfig has no bias / dropout)."""
+    for their GPT (the same modules, parameter names and order; its GPTConfig has no bias), for nanoGPT's with its
+    model.py's exact GELU and model_args' dropout."""
     import torch_ref
 
     main = sys.modules["__main__"]
@@ -254,9 +256,9 @@ def load_as_the_originals_do(path: Path):
             main.GPTConfig = saved
     if "model_args" in ckpt:
         args = ckpt["model_args"]
-        assert args["bias"] is True and args["dropout"] == 0.0, args
+        assert args["bias"] is True, args
         shape = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-        config = torch_ref.GPTConfig(**{k: args[k] for k in shape})
+        config = torch_ref.GPTConfig(**{k: args[k] for k in shape}, gelu="exact", dropout=args["dropout"])
     else:
         config = ckpt["config"]
     model = torch_ref.GPT(config)
@@ -284,7 +286,7 @@ def save_nanogpt(model, path: Path, optimizer=None, bias: bool = True) -> Path:
     """torch.save what nanoGPT's train.py saves for a model trained under torch.compile ('_orig_mod.' keys)."""
     c = model.config
     model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=bias,
-                      vocab_size=c.vocab_size, dropout=0.1)
+                      vocab_size=c.vocab_size, dropout=c.dropout)
     state = {"_orig_mod." + k: v for k, v in model.state_dict().items() if bias or not k.endswith(".bias")}
     optimizer = optimizer or model.configure_optimizers(0.1, 6e-4, "cpu")
     torch.save({"model": state, "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 2000,

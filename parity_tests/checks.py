@@ -278,6 +278,31 @@ def grads_flax_vs_torch_ref(shape: str) -> Measurement:
     return Measurement(f"gradients flax vs torch_ref [{shape}] worst param relative", worst, GRAD_REL)
 
 
+# nanoGPT's exact GELU against GPT-2's tanh one, same weights: logits move by 4.9e-4 to 8.6e-4 (tiny, odd, deep);
+# below the floor the exact-GELU check compared two tanh models, past the bound it is no GELU of either kind
+EXACT_GELU_FLOOR = 1e-4
+EXACT_VS_TANH_MAX_ABS = 1e-2
+
+
+def exact_gelu_flax_vs_torch_ref(shape: str) -> tuple[Measurement, Measurement, Measurement]:
+    """gelu="exact" (nanoGPT's erf GELU) in flax and torch_ref (nn.GELU()), the same weights: logits and every
+    gradient; and flax's exact logits against transformers' tanh ones, which must differ (floor EXACT_GELU_FLOOR)."""
+    idx = tokens(shape)
+    model = GPT.from_pretrained(hf_dir(shape), gelu="exact")
+    ref = torch_ref.flax_to_torch(model).eval()  # torch_ref's config carries gelu="exact"
+    with torch.no_grad():
+        theirs, _ = ref(torch.from_numpy(idx))  # (B, T, V)
+    ours = flax_logits(model, idx)  # (B, T, V)
+    fg, tg = flax_grads(model, idx), torch_grads(ref, idx)
+    assert fg.keys() == tg.keys()
+    return (Measurement(f"exact GELU logits flax vs torch_ref [{shape}] max abs", max_abs(ours, theirs.numpy()),
+                        LOGITS_MAX_ABS),
+            Measurement(f"exact GELU gradients flax vs torch_ref [{shape}] worst param relative",
+                        max(rel(fg[k], tg[k]) for k in tg), GRAD_REL),
+            Measurement(f"exact GELU flax vs tanh GELU transformers logits [{shape}] max abs",
+                        max_abs(ours, hf_logits(shape, idx)), EXACT_VS_TANH_MAX_ABS, EXACT_GELU_FLOOR))
+
+
 def remat_grads(shape: str) -> Measurement:
     """Rematerialised blocks (jax.checkpoint) give the same gradients.
 
@@ -558,12 +583,12 @@ def _batches(shape: str, n: int, batch: int = 4, seq_len: int = 16, seed: int = 
     return [(data[i * batch:(i + 1) * batch, :-1], data[i * batch:(i + 1) * batch, 1:]) for i in range(n)]
 
 
-def _flax_trainer(shape: str, opt_cfg):
+def _flax_trainer(shape: str, opt_cfg, **config):
     from flax_gpt.optim import lr_schedule, make_optimizer
     from flax_gpt.train_step import init_state, make_train_step
 
     tx = make_optimizer(opt_cfg)
-    graphdef, state = init_state(GPT.from_pretrained(hf_dir(shape)), tx)
+    graphdef, state = init_state(GPT.from_pretrained(hf_dir(shape), **config), tx)
     return graphdef, state, make_train_step(graphdef, tx, lr_schedule(opt_cfg))
 
 
@@ -672,17 +697,22 @@ def all_optimizer_checks() -> list[Measurement]:
 
 
 ORIGINAL_FORMATS = ("build-nanogpt", "nanogpt")
+# Each format's model as its model.py builds it: build-nanogpt's tanh GELU without dropout, nanoGPT's exact GELU
+# with a dropout in model_args (eval mode here: it changes no logit)
+ORIGINAL_MODELS = {"build-nanogpt": dict(gelu="tanh", dropout=0.0), "nanogpt": dict(gelu="exact", dropout=0.2)}
 
 
 def logits_from_original_file(fmt: str, shape: str) -> Measurement:
     """A torch_ref model saved as build-nanogpt / nanoGPT save theirs (a GPTConfig of a module gone at load time;
-    '_orig_mod.' keys, model_args) loads with load_model: the same logits over the true vocabulary (50304 -> 50257)."""
+    '_orig_mod.' keys, model_args) loads with load_model, with its GELU and dropout: the same logits over the true
+    vocabulary (50304 -> 50257)."""
     from flax_gpt.load import load_model
 
-    ref = torch_ref_model(hf_model(shape))
+    ref = torch_ref_model(hf_model(shape), **ORIGINAL_MODELS[fmt])
     path = Path(_TMP.name) / f"original-{fmt}-{shape}.pt"
     (save_build_nanogpt if fmt == "build-nanogpt" else save_nanogpt)(ref, path)
     model = load_model(path)
+    assert dict(gelu=model.config.gelu, dropout=model.config.dropout) == ORIGINAL_MODELS[fmt], model.config
     idx = tokens(shape) % model.config.vocab_size  # ids of the true vocabulary
     with torch.no_grad():
         theirs, _ = ref(torch.from_numpy(idx))  # (B, T, V) with V 50304 for the padded shape
@@ -690,11 +720,16 @@ def logits_from_original_file(fmt: str, shape: str) -> Measurement:
                        max_abs(flax_logits(model, idx), theirs.numpy()[..., :model.config.vocab_size]), LOGITS_MAX_ABS)
 
 
+def original_flax_model(shape: str, fmt: str) -> GPT:
+    """The flax model of the shape with fmt's GELU and dropout (ORIGINAL_MODELS)."""
+    return GPT.from_pretrained(hf_dir(shape), **ORIGINAL_MODELS[fmt])
+
+
 def export_path(shape: str, fmt: str) -> Path:
-    """A flax model of the shape written as fmt's .pt by torch_ckpt (the export's writer)."""
+    """original_flax_model(shape, fmt) written as fmt's .pt by torch_ckpt (the export's writer)."""
     from flax_gpt import torch_ckpt
 
-    model = GPT.from_pretrained(hf_dir(shape))
+    model = original_flax_model(shape, fmt)
     write = torch_ckpt.build_nanogpt_checkpoint if fmt == "build-nanogpt" else torch_ckpt.nanogpt_checkpoint
     path = Path(_TMP.name) / f"export-{fmt}-{shape}.pt"
     torch_ckpt.save(write(model), path)
@@ -702,25 +737,28 @@ def export_path(shape: str, fmt: str) -> Path:
 
 
 def logits_after_export_to_original(fmt: str, shape: str) -> Measurement:
-    """A flax model exported as fmt loads into torch_ref by the originals' code (strict): the same logits."""
+    """A flax model of fmt's GELU and dropout exported as fmt loads into torch_ref by the originals' code (strict):
+    the same logits, the dropout carried in nanoGPT's model_args."""
     ref, _ = load_as_the_originals_do(export_path(shape, fmt))
+    assert dict(gelu=ref.config.gelu, dropout=ref.config.dropout) == ORIGINAL_MODELS[fmt], ref.config
     idx = tokens(shape)
     with torch.no_grad():
         theirs, _ = ref(torch.from_numpy(idx))
     return Measurement(f"flax -> {fmt} .pt -> torch_ref logits [{shape}] max abs",
-                       max_abs(flax_logits(GPT.from_pretrained(hf_dir(shape)), idx), theirs.numpy()), LOGITS_MAX_ABS)
+                       max_abs(flax_logits(original_flax_model(shape, fmt), idx), theirs.numpy()), LOGITS_MAX_ABS)
 
 
 def adamw_state_to_nanogpt(shape: str = "odd", steps: int = 3) -> tuple[Measurement, Measurement]:
     """A flax run's AdamW state after `steps` steps, written in nanoGPT's file, loaded into torch_ref's AdamW
-    (nanoGPT's two groups): one more step on each side gives the same parameters (key-bias slice apart)."""
+    (nanoGPT's two groups): one more step on each side gives the same parameters (key-bias slice apart). Both with
+    nanoGPT's exact GELU and no dropout, so that each step is deterministic."""
     import optax
 
     from flax_gpt import torch_ckpt
 
     c = _opt_cfg()
     batches = _batches(shape, steps + 1)
-    graphdef, state, step = _flax_trainer(shape, c)
+    graphdef, state, step = _flax_trainer(shape, c, gelu="exact")
     for x, y in batches[:steps]:
         state, _ = step(state, jnp.asarray(x[None]), jnp.asarray(y[None]))
     adam, = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
@@ -797,7 +835,8 @@ def all_forward_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
     out = []
     for shape in shapes:
         out += [logits_flax_vs_hf(shape), logits_torch_ref_vs_hf(shape), loss_flax_vs_hf(shape),
-                grads_flax_vs_torch_ref(shape), *bf16_vs_autocast(shape), *bf16_grads_vs_autocast(shape), bf16_dots(shape), causality(shape),
+                grads_flax_vs_torch_ref(shape), *exact_gelu_flax_vs_torch_ref(shape), *bf16_vs_autocast(shape),
+                *bf16_grads_vs_autocast(shape), bf16_dots(shape), causality(shape),
                 causality_by_gradient(shape), round_trip_flax_torch_flax(shape),
                 state_dict_round_trip(shape), jit_vs_eager(shape), remat_grads(shape),
                 *remat_train_grads(shape), *remat_train_grads(shape, "bfloat16"),

@@ -158,6 +158,8 @@ def _untied(model, dst):
     ("bias=False", r"a nanoGPT model with bias=False; flax_gpt's GPT-2 has a bias in every Linear and LayerNorm"),
     ("untied head", r"lm_head\.weight differs from transformer\.wte\.weight"),
     ("no block_size", r"the model config has no block_size"),
+    ("dropout 1.5", r"GPTConfig\.dropout must be in \[0, 1\), got 1\.5"),
+    ("dropout text", r"model_args' dropout is 'high', not a number"),
 ])
 def test_bad_pt_files_raise_named_errors(original, tmp_path, case, message):
     import torch
@@ -174,6 +176,10 @@ def test_bad_pt_files_raise_named_errors(original, tmp_path, case, message):
         save_nanogpt(model, path, bias=False)
     elif case == "untied head":
         _untied(model, path)
+    elif case.startswith("dropout"):
+        ckpt = torch_ckpt.read(nanogpt)
+        ckpt["model_args"]["dropout"] = 1.5 if case == "dropout 1.5" else "high"
+        torch.save(ckpt, path)
     else:
         ckpt = torch_ckpt.read(build_nanogpt)
         del ckpt["config"]["block_size"]

@@ -21,6 +21,7 @@ from safetensors import safe_open  # noqa: E402
 from flax_gpt import export, torch_ckpt  # noqa: E402
 from flax_gpt.config import preset  # noqa: E402
 from flax_gpt.errors import UserError  # noqa: E402
+from flax_gpt.hf import CheckpointError, config_from_hf, from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from flax_gpt.load import TrainedModel, load_model  # noqa: E402
 from flax_gpt.model import GPT  # noqa: E402
 
@@ -117,6 +118,41 @@ def test_from_pretrained_gives_the_same_bits_back(exported, odd_model):
     assert ours.keys() == theirs.keys()
     for path in ours:
         assert ours[path].dtype == theirs[path].dtype and np.array_equal(ours[path], theirs[path]), path
+
+
+@pytest.mark.torch  # transformers loads the export
+def test_an_exact_gelu_model_round_trips_through_transformers(odd_model, tmp_path):
+    """nanoGPT's exact GELU is written as transformers' "gelu" (its nn.GELU()): transformers computes our logits
+    (with "gelu_new", tanh, they differ by 5.6e-4) and from_pretrained reads gelu="exact" back."""
+    model = from_hf_state_dict(to_hf_state_dict(odd_model), odd_model.config.replace(gelu="exact"))
+    model.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["activation_function"] == "gelu"
+    diff = hf_logits_diff(model, tmp_path / "hf")
+    print(f"max |logits diff| exact-GELU flax vs transformers after export: {diff:.2e}")  # measured 1.5e-6
+    assert diff <= LOGITS_BOUND
+    assert GPT.from_pretrained(str(tmp_path / "hf")).config == model.config  # gelu="exact" among them
+
+
+@pytest.mark.parametrize("activation, gelu", [("gelu_new", "tanh"), ("gelu_pytorch_tanh", "tanh"), ("gelu", "exact")])
+def test_hf_activation_functions_map_to_their_gelu(activation, gelu):
+    assert config_from_hf({"activation_function": activation}).gelu == gelu
+
+
+def test_other_hf_activation_functions_are_refused_in_one_line():
+    with pytest.raises(CheckpointError, match=r"^config.json: activation_function='relu' is not supported "
+                                              r"\(GPT-2's 'gelu_new' or 'gelu_pytorch_tanh', or the exact 'gelu'\)$"):
+        config_from_hf({"activation_function": "relu"})
+
+
+@pytest.mark.parametrize("fmt, gelu, note", [
+    ("nanogpt", "exact", None), ("build-nanogpt", "tanh", None),
+    ("nanogpt", "tanh", "note: nanoGPT's model.py computes the exact (erf) GELU, this model GPT-2's tanh GELU: the "
+                        "same weights give logits ~1e-3 apart there (docs/interop.md)"),
+    ("build-nanogpt", "exact", "note: build-nanogpt's train_gpt2.py computes GPT-2's tanh GELU, this model the exact "
+                               "(erf) GELU: the same weights give logits ~1e-3 apart there (docs/interop.md)"),
+])
+def test_a_pt_export_notes_a_gelu_their_model_does_not_compute(fmt, gelu, note):
+    assert torch_ckpt.gelu_note(preset("tiny", gelu=gelu), fmt) == note
 
 
 def test_save_pretrained_returns_what_it_wrote(odd_model, tmp_path):

@@ -1,4 +1,4 @@
-"""ops.use_autodiff(), the one switch from the five hand-written backward passes to their autodiff_* versions:
+"""ops.use_autodiff(), the one switch from the six hand-written backward passes to their autodiff_* versions:
 each op under it is its autodiff version, the model then has no custom VJP left, and its gradients agree."""
 
 import jax
@@ -38,6 +38,7 @@ CASES = {
                    lambda x, s, b: ops.autodiff_layer_norm(x, s, b, 1e-5),
                    [3 * x for x in normal((2, 5, 32))] + normal((32,), (32,), seed=1), 1e-5),
     "gelu": (ops.gelu, ops.autodiff_gelu, [3 * x for x in normal((2, 5, 32))], 1e-5),
+    "gelu_exact": (ops.gelu_exact, ops.autodiff_gelu_exact, [3 * x for x in normal((2, 5, 32))], 1e-5),
     "causal_attention": (ops.causal_attention, ops.autodiff_causal_attention, normal(*[(2, T, 3, 16)] * 3), 1e-5),
     # the custom VJP rounds the cotangent to bf16, autodiff keeps it float32: measured 2.4e-3, bf16's 2e-2 bound
     "matmul": (lambda x, w: ops.matmul(x, w, "bfloat16"),
@@ -102,3 +103,32 @@ def test_model_gradients_agree_with_and_without_the_switch_and_a_jitted_step_is_
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * float(ref_loss)
     worst = max(rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
     assert 0 < worst <= 1e-5, worst  # measured 5.8e-7 (fp32); not 0: really two programs
+
+
+def exact_gelu_reference(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+# gelu_exact's gradient against float32 autodiff of jax.nn.gelu(approximate=False): (bound, floor) by input dtype
+GELU_EXACT_GRAD = {"float32": (1e-6, 0.0),  # measured 5.6e-8
+                   "bfloat16": (2e-2, 3e-4)}  # measured 1.5e-3: dx rounded to bf16 shows
+
+
+@pytest.mark.parametrize("dtype", GELU_EXACT_GRAD)
+def test_gelu_exact_is_jax_nn_gelu_exact(dtype):
+    """Both versions of ops.gelu_exact give jax.nn.gelu(approximate=False)'s values in x's dtype; the custom VJP's
+    gradient (slope in float32, cast to x's dtype) is float32 autodiff's of jax's formula."""
+    x, g = (3 * a for a in normal((2, 5, 32), (2, 5, 32)))  # (2, 5, 32) float32 each
+    x_in, g_in = x.astype(dtype), g.astype(dtype)
+    ref = exact_gelu_reference(x_in)
+    for f in (ops.gelu_exact, ops.autodiff_gelu_exact):
+        out = f(x_in)
+        assert out.dtype == x_in.dtype
+        np.testing.assert_array_equal(out, ref)
+    (dx,) = jax.vjp(ops.gelu_exact, x_in)[1](g_in)
+    (ref_dx,) = jax.vjp(exact_gelu_reference, x_in.astype(jnp.float32))[1](g_in.astype(jnp.float32))
+    assert dx.dtype == x_in.dtype
+    bound, floor = GELU_EXACT_GRAD[dtype]
+    worst = rel(dx.astype(jnp.float32), ref_dx)
+    print(f"gelu_exact gradient [{dtype}] vs float32 autodiff: {worst:.2e}")
+    assert floor <= worst <= bound, worst

@@ -71,7 +71,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's tanh GELU
+        # GPT-2's tanh GELU (build-nanogpt), or the exact erf one of nanoGPT's model.py
+        self.gelu = {"tanh": nn.GELU(approximate="tanh"), "exact": nn.GELU()}[config.gelu]
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.NANOGPT_SCALE_INIT = 1
         self.dropout = config.dropout
@@ -166,6 +167,7 @@ class GPT(nn.Module):
             n_layer=hf_config.n_layer,
             n_head=hf_config.n_head,
             n_embd=hf_config.n_embd,
+            gelu="exact" if hf_config.activation_function == "gelu" else "tanh",  # "gelu": torch's exact GELU
         )
         model = GPT(config)
         load_state_dict(model, hf_to_torch_state_dict(hf_model.state_dict()))
