@@ -447,13 +447,22 @@ def bf16_grads_vs_autocast(shape: str, matmul_output: str = "float32") -> list[M
     tg32 = torch_grads(ref_model, idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tg = torch_grads(ref_model, idx)
-    label = f"[{shape}{_matmul_label(matmul_output)}]"
-    return [Measurement(f"bf16 gradients flax vs torch autocast {label} worst param relative",
-                        max(rel(fg[k], tg[k]) for k in tg), BF16_GRAD_REL),
-            Measurement(f"bf16 gradients flax vs its own fp32 ones {label} least changed param relative",
-                        min(rel(fg[k], fg32[k]) for k in fg32), BF16_GRAD_REL, BF16_OWN_GRAD_FLOOR),
-            Measurement(f"torch autocast gradients vs its own fp32 ones [{shape}] least changed param relative",
-                        min(rel(tg[k], tg32[k]) for k in tg32), BF16_GRAD_REL, BF16_OWN_GRAD_FLOOR)]
+    return low_precision_grad_measurements("bf16", f"[{shape}{_matmul_label(matmul_output)}]", f"[{shape}]",
+                                           (fg, fg32, tg, tg32), BF16_GRAD_REL, BF16_OWN_GRAD_FLOOR)
+
+
+def low_precision_grad_measurements(dtype: str, label: str, torch_label: str, grads, bound: float,
+                                    floor: float) -> list[Measurement]:
+    """grads = (flax, flax fp32, torch autocast, torch fp32) gradients: flax against torch, and each side against its
+    own fp32 ones (the least changed parameter must reach the floor)."""
+    fg, fg32, tg, tg32 = grads
+    torch_name = "torch autocast" if dtype == "bf16" else f"torch autocast {dtype}"
+    return [Measurement(f"{dtype} gradients flax vs torch autocast {label} worst param relative",
+                        max(rel(fg[k], tg[k]) for k in tg), bound),
+            Measurement(f"{dtype} gradients flax vs its own fp32 ones {label} least changed param relative",
+                        min(rel(fg[k], fg32[k]) for k in fg32), bound, floor),
+            Measurement(f"{torch_name} gradients vs its own fp32 ones {torch_label} least changed param relative",
+                        min(rel(tg[k], tg32[k]) for k in tg32), bound, floor)]
 
 
 DOT_TYPES = re.compile(r"stablehlo\.dot_general .*: \(tensor<(?:[0-9]+x)*(\w+)>, tensor<(?:[0-9]+x)*(\w+)>\)")
@@ -803,8 +812,11 @@ def kv_cache_vs_recompute(shape: str) -> Measurement:
     prefill = 5
     logits, cache = model.decode(jnp.asarray(idx[:, :prefill]), cache, 0)
     pieces = [np.asarray(logits)]
+    graphdef, state = nnx.split(model)
+    # one compiled decode step, the position traced (as generate runs it); eager steps took ~0.5 s each
+    decode = jax.jit(lambda state, token, cache, pos: nnx.merge(graphdef, state).decode(token, cache, pos))
     for t in range(prefill, T):
-        logits, cache = model.decode(jnp.asarray(idx[:, t:t + 1]), cache, t)
+        logits, cache = decode(state, jnp.asarray(idx[:, t:t + 1]), cache, jnp.int32(t))
         pieces.append(np.asarray(logits))
     return Measurement(f"KV-cache decode vs full recompute [{shape}] logits max abs",
                        max_abs(np.concatenate(pieces, axis=1), full), KV_CACHE_MAX_ABS)

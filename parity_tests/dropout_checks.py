@@ -36,7 +36,7 @@ def models(shape: str, dtype: str = "float32", gelu: str = "tanh") -> tuple[GPT,
 def flax_loss_and_grads(model: GPT, x, y, key) -> tuple[float, dict]:
     """GPT.loss (the train steps' loss) with the dropout key's masks and its gradients as HF-named tensors."""
     graphdef, params = nnx.split(model, nnx.Param)
-    loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(x, y, rngs=key))(params)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(x, y, rngs=key)))(params)
     return float(loss), to_hf_state_dict(nnx.merge(graphdef, grads))
 
 
@@ -62,7 +62,8 @@ def same_masks(shape: str, dtype: str = "float32", blocks: bool = False) -> list
     ours, ref = models(shape, dtype)
     with small_blocks() if blocks else contextlib.nullcontext():  # the attention masks are drawn block by block
         masks = jax.tree.map(np.asarray, ours.dropout_masks(KEY, *x.shape))
-        logits = np.asarray(ours(jnp.asarray(x), rngs=KEY)[0])
+        graphdef, params = nnx.split(ours, nnx.Param)
+        logits = np.asarray(jax.jit(lambda p: nnx.merge(graphdef, p)(jnp.asarray(x), rngs=KEY)[0])(params))
         loss, grads = flax_loss_and_grads(ours, jnp.asarray(x), jnp.asarray(y), KEY)
     ours.eval()
     eval_loss = float(ours.loss(jnp.asarray(x), jnp.asarray(y)))

@@ -17,7 +17,8 @@ from flax_gpt.hf import to_hf_state_dict
 from flax_gpt.train_step import loss_and_grads
 from parity_tests.checks import (FP16_GRAD_REL, FP16_KL, FP16_OWN_FLOOR, FP16_OWN_GRAD_FLOOR, FP16_REL,
                                  FP16_TRAJECTORY_REL, Measurement, _batches, _opt_cfg, _torch_lr, _with_values,
-                                 flax_hidden, flax_logits, hf_dir, rel, tokens, torch_hidden_and_logits)
+                                 flax_hidden, flax_logits, hf_dir, low_precision_grad_measurements, rel, tokens,
+                                 torch_hidden_and_logits)
 
 SCALE = 2.0**16  # GradScaler's initial scale: the gradients are compared as each side takes them in training
 
@@ -72,12 +73,8 @@ def fp16_grads_vs_autocast(shape: str) -> list[Measurement]:
                 for d in ("float32", "float16"))
     ref_model = torch_ref.GPT.from_pretrained(str(hf_dir(shape)))
     tg32, tg = (_torch_scaled_grads(ref_model, idx, SCALE, autocast) for autocast in (False, True))
-    return [Measurement(f"fp16 gradients flax vs torch autocast [{shape}] worst param relative",
-                        max(rel(fg[k], tg[k]) for k in tg), FP16_GRAD_REL),
-            Measurement(f"fp16 gradients flax vs its own fp32 ones [{shape}] least changed param relative",
-                        min(rel(fg[k], fg32[k]) for k in fg32), FP16_GRAD_REL, FP16_OWN_GRAD_FLOOR),
-            Measurement(f"torch autocast fp16 gradients vs its own fp32 ones [{shape}] least changed param relative",
-                        min(rel(tg[k], tg32[k]) for k in tg32), FP16_GRAD_REL, FP16_OWN_GRAD_FLOOR)]
+    return low_precision_grad_measurements("fp16", f"[{shape}]", f"[{shape}]", (fg, fg32, tg, tg32), FP16_GRAD_REL,
+                                           FP16_OWN_GRAD_FLOOR)
 
 
 FORCED = (4, 10, 16)  # steps run with a loss scale of 2**40: their gradients overflow float16 on both sides

@@ -70,28 +70,42 @@ def test_capabilities_of_each_platform():
     assert devices.capabilities("mps").fallbacks() == ["no buffer donation", "bf16 matmuls return bf16, cast to float32"]
 
 
-def test_attention_auto_is_cudnn_on_cuda_in_bf16_and_xla_elsewhere():
+def test_attention_auto_is_cudnn_on_cuda_in_bf16_and_xla_elsewhere(monkeypatch):
+    monkeypatch.setattr(devices, "gpu_compute_capability", lambda devices=None: 9.0)  # an H100
     pick = devices.attention_implementation
     assert pick("auto", "gpu", "bfloat16") == "cudnn"
     assert [pick("auto", p, d) for p, d in (("gpu", "float32"), ("cpu", "bfloat16"), ("mps", "bfloat16"))] == ["xla"] * 3
     assert pick("xla", "gpu", "bfloat16") == "xla" and pick("cudnn", "gpu", "bfloat16") == "cudnn"
     with pytest.raises(UserError, match=r"^--attention cudnn needs a CUDA GPU .* on mps: use --attention xla"):
         pick("cudnn", "mps", "bfloat16")
-    with pytest.raises(UserError, match=r"^--attention cudnn runs in bf16 only .* add --dtype bf16"):
+    with pytest.raises(UserError, match=r"^--attention cudnn runs in bf16 or fp16 only .* add --dtype bf16"):
         pick("cudnn", "gpu", "float32")
     assert pick("auto", "gpu", "bfloat16", dropout=0.1) == "xla"  # cuDNN's dropout seed is fixed at compile time
     with pytest.raises(UserError, match=r"^--attention cudnn cannot drop out with --dropout 0.1: .* --attention xla"):
         pick("cudnn", "gpu", "bfloat16", dropout=0.1)
 
 
-def test_dtype_auto_is_bf16_on_gpus_that_have_it_and_fp32_below_compute_capability_8(monkeypatch):
+
+def test_fp16_takes_cudnn_attention_only_where_cudnn_runs_it(monkeypatch):
+    monkeypatch.setattr(devices, "gpu_compute_capability", lambda devices=None: 8.9)
+    assert devices.attention_implementation("cudnn", "gpu", "float16") == "cudnn"
+    assert devices.attention_implementation("auto", "gpu", "float16") == "xla"  # auto: cuDNN in bf16 only
+    monkeypatch.setattr(devices, "gpu_compute_capability", lambda devices=None: 7.5)  # a T4
+    with pytest.raises(UserError, match=r"^--attention cudnn: cuDNN flash attention needs compute capability 8.0 or "
+                                         r"newer, this GPU has 7.5: use --attention xla"):
+        devices.attention_implementation("cudnn", "gpu", "float16")
+
+
+def test_dtype_auto_is_bf16_on_gpus_that_have_it_and_fp16_training_below_compute_capability_8(monkeypatch):
     t4, a100 = SimpleNamespace(compute_capability="7.5"), SimpleNamespace(compute_capability="8.0")
-    for gpus, want in (([a100], "bfloat16"), ([t4], "float32"), ([a100, t4], "float32")):
+    for gpus, want in (([a100], ["bfloat16"] * 2), ([t4], ["float16", "float32"]),
+                       ([a100, t4], ["float16", "float32"])):  # (training, evaluating)
         monkeypatch.setattr("jax.local_devices", lambda gpus=gpus: gpus)
-        assert [devices.compute_dtype("auto", "gpu", training) for training in (True, False)] == [want] * 2
+        assert [devices.compute_dtype("auto", "gpu", training) for training in (True, False)] == want
         assert devices.compute_dtype("bf16", "gpu") == "bfloat16"  # asked for: the user's choice stands
-    assert devices.auto_dtype_note("auto", "gpu") == ("--dtype auto computes in float32: this GPU (compute capability "
-                                                      "7.5) has no bf16, and float16 training is not supported yet")
+        assert devices.compute_dtype("fp16", "gpu") == "float16"
+    assert devices.auto_dtype_note("auto", "gpu") == ("--dtype auto trains in float16 with dynamic loss scaling: this "
+                                                      "GPU (compute capability 7.5) has no bf16")
     assert devices.auto_dtype_note("bf16", "gpu") is None and devices.auto_dtype_note("auto", "cpu") is None
     assert devices.auto_dtype_note("auto", "gpu", [a100]) is None
 

@@ -204,3 +204,22 @@ def test_dropout_draws_fresh_masks_per_step_and_micro_batch_and_remat_redraws_th
                 for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
     print(f"remat with dropout vs autodiff: loss {abs(float(loss) - float(ref_loss)):.1e}, gradients {worst:.1e}")
     assert worst <= 5e-6, worst  # measured 1.5e-7 (no dropout: 1.9e-7)
+
+
+def test_loss_scale_follows_grad_scaler_and_a_collapsed_scale_stops_in_one_line():
+    """torch.amp.GradScaler's update: x0.5 and the tracker reset on inf/NaN, x2 after growth_interval good steps."""
+    from flax_gpt import loss_scale
+    from flax_gpt.errors import UserError
+    from flax_gpt.train import check_loss_scale
+
+    s = loss_scale.update(loss_scale.initial(), jnp.bool_(False), growth_interval=3)
+    assert (float(s.scale), int(s.good_steps), int(s.skipped)) == (32768.0, 0, 1)
+    for good in (1, 2):
+        s = loss_scale.update(s, jnp.bool_(True), growth_interval=3)
+        assert (float(s.scale), int(s.good_steps)) == (32768.0, good)
+    s = loss_scale.update(s, jnp.bool_(True), growth_interval=3)
+    assert (float(s.scale), int(s.good_steps), int(s.skipped)) == (65536.0, 0, 1)
+    check_loss_scale(loss_scale.MIN_SCALE, 5, 40)  # at the floor: the run goes on
+    with pytest.raises(UserError, match=r"^the float16 loss scale fell to 3.0e-08 at step 5 \(41 steps skipped .* "
+                                         r"--dtype bf16 or fp32"):
+        check_loss_scale(loss_scale.MIN_SCALE / 2, 5, 41)
