@@ -253,7 +253,8 @@ def markdown(results: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["rows"]:
         mfu = f"{r['mfu_at_roofline']:.0%}" if r["mfu_at_roofline"] is not None else "-"
-        lines.append(f"| {r['target']} | {r['program']} | {r['attention']} | {'yes' if r['remat'] else 'no'} | "
+        program = r["program"] + (f" (dropout {r['dropout']})" if r.get("dropout") else "")
+        lines.append(f"| {r['target']} | {program} | {r['attention']} | {'yes' if r['remat'] else 'no'} | "
                      f"{r['dtype']} | {r['micro_batch']}x{r['accum']} | {r['peak_bytes'] / GiB:.2f} "
                      f"({r['device_memory_bytes'] / GiB:.1f}) | {'yes' if r['fits'] else 'no'} | "
                      f"{r['flops'] / 1e12:.2f} | {r['bytes_accessed'] / 1e9:.1f} | {r['roofline_s'] * 1e3:.1f} "
