@@ -106,7 +106,9 @@ def _filler(config: GPTConfig, where: Path):
         if [tuple(x.shape) for x in leaves] != [tuple(a.shape) for a in wanted]:
             raise RunCheckpointError(f"{where}: the saved state does not have the shapes of its meta's model_config")
         values = [jnp.asarray(x, a.dtype) for x, a in zip(leaves, wanted)]
-        return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+        model = nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+        model.eval()  # as load_model gives it
+        return model
 
     return fill
 

@@ -300,7 +300,7 @@ def test_load_model_errors_are_one_line(case, tmp_path, capsys):
 
 def test_load_model_rejects_an_unknown_dtype(exported):
     with pytest.raises(UserError, match="dtype"):
-        load_model(str(exported), dtype="float16")
+        load_model(str(exported), dtype="int8")
 
 
 # ----------------------------------------------------------------------------- build-nanogpt / nanoGPT files

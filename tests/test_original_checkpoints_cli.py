@@ -107,7 +107,8 @@ def make_specs(work: Path) -> dict[str, Spec]:
     export = [PYTHON, "-m", "flax_gpt.export", "run"]
     generate = [PYTHON, "-m", "flax_gpt.generate", "--init-from"]
     return {
-        "run": Spec([*RUN, "--init-from", "theirs.pt", "--out-dir", "run"]),
+        # --dropout as nanoGPT's train.py takes it: from the flags, not the checkpoint (default 0)
+        "run": Spec([*RUN, "--init-from", "theirs.pt", "--dropout", str(THEIR_DROPOUT), "--out-dir", "run"]),
         "export_bn": Spec([*export, "bn/model_00003.pt", "--format", "build-nanogpt"], deps=("run",), command=True),
         "export_ng": Spec([*export, "ng/ckpt.pt", "--format", "nanogpt"], deps=("run",), command=True),
         "theirs": Spec([PYTHON, "-c", THEIR_SCRIPT, "bn/model_00003.pt", "ng/ckpt.pt", "theirs.npz"],
@@ -158,6 +159,7 @@ def test_the_originals_load_our_files_and_continue_the_run(runs, work):
     assert (run.model.config.gelu, run.model.config.dropout) == ("exact", THEIR_DROPOUT) == ("exact", theirs["dropout"])
     # build-nanogpt's model computes the run's weights with the tanh GELU
     tanh = from_hf_state_dict(to_hf_state_dict(run.model), run.model.config.replace(gelu="tanh"))
+    tanh.eval()  # built in train mode, as a GPT is; its dropout 0.1 is for training
     idx = np.arange(40).reshape(2, 20) * 997 % 50257  # as in THEIR_SCRIPT
     for fmt, model in (("build-nanogpt", tanh), ("nanogpt", run.model)):
         with jax.default_matmul_precision("highest"):
