@@ -24,7 +24,7 @@ from flax import nnx
 
 from flax_gpt.config import GPTConfig
 from flax_gpt.ops import (attention_keep_mask, causal_attention, cross_entropy, dropout, gelu, gelu_exact, keep_mask,
-                          layer_norm, lm_head_loss, masked_attention, matmul, tied_logits)
+                          layer_norm, lm_head_loss, masked_attention, matmul, site_key, tied_logits)
 
 INIT_STD = 0.02
 
@@ -278,11 +278,6 @@ class GPT(nnx.Module):
         """Parameter count; like nanoGPT, position embeddings are left out by default."""
         n = sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
         return n - self.wpe.embedding.size if non_embedding else n
-
-
-def site_key(key, site: int):
-    """The key of one dropout site (or part of the model) under key: fold_in(key, site); None for None."""
-    return None if key is None else jax.random.fold_in(key, site)
 
 
 def _padded_normal_init(n_real_rows: int):

@@ -206,6 +206,11 @@ def dropout(x, rate: float, key):
     return jnp.where(keep_mask(key, rate, x.shape), x * (1 / (1 - rate)), 0).astype(x.dtype)  # x's shape and dtype
 
 
+def site_key(key, site):
+    """The key of one dropout site (or block, or part of the model) under key: fold_in(key, site); None for None."""
+    return None if key is None else jax.random.fold_in(key, site)
+
+
 def keep_mask(key, rate: float, shape):
     """The elements dropout keeps: True with probability 1 - rate."""
     return jax.random.bernoulli(key, 1.0 - rate, shape)
@@ -215,8 +220,8 @@ def attention_keep_mask(key, rate: float, shape):
     """The attention probabilities (B, nh, T, T) that causal_attention's dropout keeps: drawn by blocks of queries
     (block i from fold_in(key, i)), as the blocks are computed and recomputed."""
     B, nh, T, _ = shape
-    size = min(T, ATTENTION_BLOCK)
-    blocks = [keep_mask(jax.random.fold_in(key, i), rate, (B, nh, size, T)) for i in range(-(-T // size))]
+    size = _block_size(T)
+    blocks = [keep_mask(site_key(key, i), rate, (B, nh, size, T)) for i in range(-(-T // size))]
     return jnp.concatenate(blocks, axis=2)[:, :, :T]  # (B, nh, T, T)
 
 
@@ -225,7 +230,7 @@ def causal_attention(q, k, v, dropout_rate: float = 0.0, key=None):
     the backward pass, as flash attention does, instead of keeping (B, nh, T, T) scores for every layer. With a key,
     dropout on the attention probabilities (nanoGPT's attn_dropout): always by blocks, the masks recomputed too; so
     is float16 (see masked_attention)."""
-    if (key is None or dropout_rate == 0) and q.dtype != jnp.float16:
+    if _one_xla_call(q, key, dropout_rate):
         if q.shape[1] <= ATTENTION_BLOCK or not _custom():
             return autodiff_causal_attention(q, k, v)  # (B, T, nh, hs)
         return _blocked_attention(q, k, v, None, 0.0)  # (B, T, nh, hs)
@@ -237,9 +242,14 @@ def causal_attention(q, k, v, dropout_rate: float = 0.0, key=None):
 def autodiff_causal_attention(q, k, v, dropout_rate: float = 0.0, key=None):
     """causal_attention for JAX autodiff: one XLA jax.nn.dot_product_attention call, or with dropout the blocks'
     forward pass: (B, T, nh, hs) -> (B, T, nh, hs)."""
-    if (key is None or dropout_rate == 0) and q.dtype != jnp.float16:
+    if _one_xla_call(q, key, dropout_rate):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # (B, T, nh, hs)
     return _blocked_forward(q, k, v, key, dropout_rate)  # (B, T, nh, hs)
+
+
+def _one_xla_call(q, key, rate: float) -> bool:
+    """Whether jax.nn.dot_product_attention computes this attention: no dropout, not float16 (masked_attention)."""
+    return (key is None or rate == 0) and q.dtype != jnp.float16
 
 
 def masked_attention(q, k, v, visible, key=None, rate: float = 0.0):
@@ -265,20 +275,20 @@ def _attend_rows(q, k, v, start, key=None, rate: float = 0.0):
 
 def _query_blocks(q):
     """(blocks of q (n, B, size, nh, hs), their first positions (n,)): size ATTENTION_BLOCK, or T when shorter."""
-    size = min(q.shape[1], ATTENTION_BLOCK)
+    size = _block_size(q.shape[1])
     return _to_blocks(q, size), jnp.arange(0, q.shape[1], size)
 
 
-def _block_key(key, start, size: int):
-    """The dropout key of the block of queries from `start`: fold_in(key, block index); None without dropout."""
-    return None if key is None else jax.random.fold_in(key, start // size)
+def _block_size(T: int) -> int:
+    """Queries per block of causal_attention's blocked path: ATTENTION_BLOCK, or T when shorter."""
+    return min(T, ATTENTION_BLOCK)
 
 
 def _blocked_forward(q, k, v, key, rate: float):
     """causal_attention by blocks of queries, each block's dropout mask from its own key: (B, T, nh, hs)."""
     q_blocks, starts = _query_blocks(q)  # (n, B, size, nh, hs), (n,)
     size = q_blocks.shape[2]
-    out = jax.lax.map(lambda qs: _attend_rows(qs[0], k, v, qs[1], _block_key(key, qs[1], size), rate),
+    out = jax.lax.map(lambda qs: _attend_rows(qs[0], k, v, qs[1], site_key(key, qs[1] // size), rate),
                       (q_blocks, starts))  # (n, B, size, nh, hs)
     return _from_blocks(out, q.shape[1])  # (B, T, nh, hs)
 
@@ -301,7 +311,7 @@ def _blocked_attention_bwd(rate, saved, g):
 
     def block_grads(qgs):
         q_i, g_i, start = qgs  # (B, Tq, nh, hs), (B, Tq, nh, hs), ()
-        block_key = _block_key(key, start, q_i.shape[1])
+        block_key = site_key(key, start // q_i.shape[1])
         _, block_vjp = jax.vjp(lambda q_i, k, v: _attend_rows(q_i, k, v, start, block_key, rate), q_i, k, v)
         dq_i, dk, dv = block_vjp(g_i)  # (B, Tq, nh, hs), (B, T, nh, hs), (B, T, nh, hs)
         return (dk.astype(jnp.float32), dv.astype(jnp.float32)), dq_i

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_gpt import ops
-from flax_gpt.model import GPT, site_key
+from flax_gpt.model import GPT
 
 
 def _block(block_def: nnx.GraphDef, params: nnx.State, x, dropout_key=None):
@@ -38,7 +38,7 @@ def trunk(model: GPT, idx, dropout_key=None):
     block_def, block_params = nnx.split(model.h)  # parameters with a leading n_layer axis
     ln_f_def, ln_f_params = nnx.split(model.ln_f)
     layer_keys = model.layer_keys(dropout_key)  # (L, ...) or None
-    x = ops.dropout(model.embed(idx), model.config.dropout, site_key(dropout_key, 0))  # (B, T, C) float32
+    x = ops.dropout(model.embed(idx), model.config.dropout, ops.site_key(dropout_key, 0))  # (B, T, C) float32
 
     def forward(x, layer):
         params, key = layer
@@ -79,7 +79,7 @@ def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, idx, targets, drop
 
     d_blocks = ops.after(dx, jax.tree.map(jnp.zeros_like, block_params))[0]  # created once dx exists
     dx, d_blocks = jax.lax.fori_loop(0, c.n_layer, backward, (dx, d_blocks))  # dx: (B, T, C) after the embeddings
-    dx = ops.dropout(dx, c.dropout, site_key(dropout_key, 0))  # (B, T, C) at the embeddings: dropout is its own vjp
+    dx = ops.dropout(dx, c.dropout, ops.site_key(dropout_key, 0))  # (B, T, C) at the embeddings: dropout is its own vjp
     if defer:
         d_wte = ops.add_lm_head_dw(*ops.after(dx, jnp.zeros(wte.shape, jnp.float32), h, wte, targets), *head,
                                    grad_scale)
