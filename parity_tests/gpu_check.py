@@ -175,10 +175,10 @@ def attention_stage(stage: dict) -> dict:
 IN_PROCESS = {"env": env_stage, "attention": attention_stage}
 
 
-def run_stage(name: str, plan: dict, dry: bool, work: Path) -> dict:
-    """One stage in its own process: its result."""
+def run_stage(name: str, plan: dict, dry: bool, work: Path, left_s: float = float("inf")) -> dict:
+    """One stage in its own process, stopped after 3x its expected seconds or when the budget left runs out."""
     stage = plan[name]
-    timeout = 3 * stage["seconds"]  # a hung stage must not take the next stages' time
+    timeout = min(3 * stage["seconds"], left_s)  # a hung stage must not take the next stages' time
     if name in IN_PROCESS:
         out = work / f"{name}.json"
         result = run([sys.executable, __file__, "--stage-worker", name, "--stage-out", str(out)]
@@ -238,12 +238,19 @@ def stage_failed(name: str, result: dict) -> bool:
     return result.get("rc", 0) != 0
 
 
+def stage_word(name: str, results: dict) -> str:
+    """ok, FAILED or NOT RUN (the budget ran out before it)."""
+    return "NOT RUN" if name in results["not_run"] else "FAILED" if name in results["failed"] else "ok"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check.json", help="the results file, rewritten as each stage finishes")
     ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU: check the script, measure nothing")
     ap.add_argument("--plan", action="store_true", help="print the stages and check their data; run nothing")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S,
+                    help="stop the stage running when this many seconds have passed; later stages are not run")
     ap.add_argument("--stage-worker", choices=list(IN_PROCESS), help=argparse.SUPPRESS)
     ap.add_argument("--stage-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -261,10 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "dry": args.dry, "mode": mode,
                "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores", "stages": args.stages,
-               "failed": []}
+               "failed": [], "not_run": []}
+    deadline = time.time() + args.budget_s
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         for name in args.stages:
-            results[name] = run_stage(name, plan, args.dry, Path(tmp))
+            left_s = deadline - time.time()
+            if left_s < 5:
+                results["not_run"].append(name)
+                continue
+            results[name] = run_stage(name, plan, args.dry, Path(tmp), left_s)
             if stage_failed(name, results[name]):
                 results["failed"].append(name)
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
@@ -272,12 +284,13 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: no CUDA GPU is visible to JAX (pip install 'flax-gpt[cuda]' on a machine with an NVIDIA "
                       "driver); `--dry` checks the script on the CPU", file=sys.stderr)
                 return 2
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     t = results.get("train", {})
     print(f"\ngpu-check ({'dry run on ' if args.dry else ''}{results.get('env', {}).get('device', '?')}): "
-          f"{', '.join(f'{n} ' + ('FAILED' if n in results['failed'] else 'ok') for n in args.stages)}; "
+          f"{', '.join(f'{n} ' + stage_word(n, results) for n in args.stages)}; "
           f"train.py {t.get('tokens_per_s', float('nan')):,.0f} tokens/s, MFU {t.get('mfu') or float('nan'):.1%}, "
           f"peak device memory {t.get('peak_device_memory_GiB')} GiB; results in {args.out}")
-    return 1 if results["failed"] else 0
+    return 1 if results["failed"] or results["not_run"] else 0
 
 
 if __name__ == "__main__":

@@ -74,3 +74,13 @@ def test_without_a_gpu_it_refuses_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2 and proc.stderr.startswith("error: no CUDA GPU") and proc.stderr.count("\n") == 1
     assert json.loads(out.read_text())["env"]["backend"] == "cpu"  # what it found is kept
+
+
+def test_stages_past_the_budget_are_not_run_and_the_run_fails(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--stages", "env", "attention", "--budget-s", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["not_run"] == ["env", "attention"] and "env" not in results
+    assert "env NOT RUN, attention NOT RUN" in proc.stdout
