@@ -36,14 +36,14 @@ PARITY_CORE = ["parity_tests/test_flax_parity.py", "parity_tests/test_optim_pari
                "logits_match_transformers or loss_matches_transformers or gradients_match_torch_ref or "
                "bf16_matches_torch_autocast or bf16_gradients_match_torch_autocast or one_adamw_step_matches_torch_ref"]
 GPT2_RUN = dict(preset="gpt2", batch_size=64, seq_len=1024, total_batch_size=524288)  # train.py's gpt2 preset
-PLANS = {  # what each mode runs; seconds: expected time on one H100/H200 (estimates until a GPU has run it)
+PLANS = {  # what each mode runs; seconds: expected time, on the GPU as one H100 took (2026-12-06), rounded up
     "gpu": {
-        "env": {"seconds": 20},
-        "attention": {"preset": "gpt2", "batch_size": 4, "seconds": 60},
-        "parity": {"pytest": PARITY_CORE, "seconds": 90},
+        "env": {"seconds": 10},
+        "attention": {"preset": "gpt2", "batch_size": 4, "seconds": 90},
+        "parity": {"pytest": PARITY_CORE, "seconds": 170},
         "bench": {"preset": "gpt2", "batch_size": 16, "seq_len": 1024, "steps": 10, "warmup": 2, "seconds": 180,
                   "variants": ["flax-bf16", "flax-cudnn-bf16", "torch-eager-bf16", "torch-compile-bf16"]},
-        "train": {**GPT2_RUN, "max_steps": 10, "eval_batches": 2, "seconds": 150},
+        "train": {**GPT2_RUN, "max_steps": 10, "eval_batches": 2, "seconds": 50},
     },
     "dry": {
         "env": {"seconds": 10},
@@ -109,7 +109,7 @@ def describe(plan: dict, stages: list[str]) -> str:
     """The plan as lines: each stage's shapes, tokens and expected seconds, and the total against the budget."""
     lines = [f"  {name:9} ~{plan[name]['seconds']:>3} s  {stage_summary(name, plan[name])}" for name in stages]
     total = sum(plan[name]["seconds"] for name in stages)
-    lines.append(f"  expected {total} s of a {BUDGET_S} s budget (estimates: no GPU has run this plan yet)")
+    lines.append(f"  expected {total} s of a {BUDGET_S} s budget (one H100's times)")
     return "\n".join(lines)
 
 
