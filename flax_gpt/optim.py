@@ -1,4 +1,5 @@
-"""build-nanogpt's optimizer in optax: clip 1.0, AdamW(0.9, 0.95, eps 1e-8), warmup + cosine."""
+"""build-nanogpt's optimizer in optax: clip 1.0, AdamW(0.9, 0.95, eps 1e-8), warmup + cosine; or Muon for the
+blocks' weight matrices with AdamW for the rest."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+
+from flax_gpt.muon import muon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +26,10 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' weight matrices, AdamW on the rest)
+    muon_lr: float = 0.02  # Muon's max learning rate; the same warmup and cosine, scaled
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
@@ -58,16 +65,41 @@ def decay_mask(params):
     Stacked block parameters carry a leading layer axis, so their own rank is ndim - 1.
     """
     def per_leaf(path, p):
-        stacked = any(getattr(k, "key", None) == "h" for k in path[:1])
-        return (p.ndim - 1 if stacked else p.ndim) >= 2
+        return _rank(path, p) >= 2
 
     return jax.tree_util.tree_map_with_path(per_leaf, params)
 
 
+def _rank(path, p) -> int:
+    """A parameter's own rank: stacked block parameters (under "h") carry a leading layer axis."""
+    stacked = any(getattr(k, "key", None) == "h" for k in path[:1])
+    return p.ndim - 1 if stacked else p.ndim
+
+
+def muon_labels(params):
+    """"muon" for the blocks' weight matrices (attention and MLP kernels), "adamw" for the embeddings (and so the
+    tied head), LayerNorm gains and biases, as the speedrun splits them."""
+    def per_leaf(path, p):
+        in_block = any(getattr(k, "key", None) == "h" for k in path[:1])
+        return "muon" if in_block and _rank(path, p) == 2 else "adamw"
+
+    return jax.tree_util.tree_map_with_path(per_leaf, params)
+
+
+def muon_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Muon's learning rate: the warmup-cosine schedule with muon_lr as its peak."""
+    schedule, ratio = lr_schedule(cfg), cfg.muon_lr / cfg.lr
+    return lambda step: schedule(step) * ratio
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Gradient clipping by global norm, then AdamW with the warmup-cosine schedule."""
+    """Gradient clipping by global norm, then AdamW with the warmup-cosine schedule (with --optimizer muon: Muon on
+    the blocks' weight matrices, AdamW on the other parameters)."""
     adamw = optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.optimizer == "muon":
+        adamw = optax.multi_transform(
+            {"adamw": adamw, "muon": muon(muon_schedule(cfg), cfg.muon_momentum, cfg.muon_weight_decay)}, muon_labels)
     if cfg.grad_clip <= 0:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)

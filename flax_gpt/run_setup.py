@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,7 @@ from flax_gpt.errors import UserError
 from flax_gpt.load import load_model
 from flax_gpt.metrics import MetricsLog, params_without_wpe, peak_flops
 from flax_gpt.model import GPT
-from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
+from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer, muon_labels
 from flax_gpt.run_config import RUN_PRESETS, TrainConfig, grad_accum_steps, resolve
 from flax_gpt.sinks import new_run_id, open_sinks
 from flax_gpt.tokenizer import N_VOCAB, get_encoding
@@ -148,7 +149,9 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[TrainRun, float | None]:
                                process_count=n_proc)
 
     optim_cfg = OptimConfig(lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, warmup_steps=max(cfg.warmup_steps, 1),
-                            max_steps=cfg.decay_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+                            max_steps=cfg.decay_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                            optimizer=cfg.optimizer, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
+                            muon_weight_decay=cfg.muon_weight_decay)
     tx = make_optimizer(optim_cfg)
     mesh = shard.make_mesh() if strategy != "none" else None
     numerics = {"remat": cfg.remat, "scan_layers": cfg.scan_layers, "matmul_output": caps.matmul_output,
@@ -219,6 +222,7 @@ def _log_run_notes(r: TrainRun, ckpt_root: Path, peak: float | None, peak_source
         r.log(f"resuming {ckpt_root} at step {r.start_step} of {cfg.max_steps}" +
               (f" (extended by {cfg.extend_steps}: lr {cfg.lr * cfg.min_lr_ratio:.3g} after step {cfg.decay_steps})"
                if cfg.extend_steps else ""))
+    r.log(optimizer_line(cfg, r.state.params))
     r.log(f"mfu against {peak / 1e12:.3g} TFLOP/s: {peak_source}" if peak else f"note: mfu is not reported: {peak_source}")
     if r.hellaswag:
         rows, length = r.hellaswag.batches[0][0].shape
@@ -232,6 +236,17 @@ def _log_run_notes(r: TrainRun, ckpt_root: Path, peak: float | None, peak_source
     dtype_note = devices.auto_dtype_note(cfg.dtype, r.platform)
     if dtype_note:
         r.log(dtype_note)
+
+
+def optimizer_line(cfg: TrainConfig, params) -> str:
+    """The log line naming the optimizer and its settings (with Muon: how many weight matrices it updates)."""
+    adamw = f"adamw (lr {cfg.lr:g}, weight decay {cfg.weight_decay:g})"
+    if cfg.optimizer != "muon":
+        return f"optimizer: {adamw}"
+    n_muon = sum(math.prod(p.shape[:-2]) for p, label in zip(jax.tree.leaves(params), jax.tree.leaves(muon_labels(params)))
+                 if label == "muon")
+    return (f"optimizer: muon on {n_muon} block weight matrices (lr {cfg.muon_lr:g}, momentum {cfg.muon_momentum:g}, "
+            f"weight decay {cfg.muon_weight_decay:g}), {adamw} on embeddings, LayerNorms and biases")
 
 
 def _check_sample_prompt(cfg: TrainConfig, config: GPTConfig) -> None:

@@ -86,6 +86,31 @@ FP16_GRAD_REL = 1e-2
 FP16_OWN_FLOOR = 1e-4
 FP16_OWN_GRAD_FLOOR = 5e-5
 FP16_TRAJECTORY_REL = 3e-4
+# Muon (muon_checks.py) against torch.optim.Muon, whose Newton-Schulz iteration runs in bf16 on both sides: one input
+# element or one fp32 sum rounded to its bf16 neighbour on one side only (a gradient ~1e-7 apart, sums in another
+# order) moves the 5 iterations' output by 1e-3 to 1e-2. newton_schulz vs torch's on the same input (32x96, 96x32,
+# 48x48, 16x16 to 128x32, 4 seeds each): 0 in most cases, at most 3.8e-3 eager and 2.4e-3 jitted. An fp32 iteration
+# measured 1.1e-2 to 2.0e-2 from torch's, and the jitted one without explicit roundings (XLA dropping the bf16
+# rounding of the normalized input as excess precision) 1.2e-2 to 1.9e-2: the bound is below both.
+MUON_NS_REL = 8e-3
+# One step on odd (2 micro batches accumulated, 4 batch seeds), the Muon matrices after: 8.7e-5 to 1.2e-4 (the AdamW
+# parameters beside them 5.2e-8 to 5.2e-7, held to ADAMW_STEP_REL). Square matrices iterated in the transposed
+# orientation (torch's (out, in) weight is the (in, out) kernel's transpose) measured 3.5e-4 to 4.0e-4; with the
+# excess precision above too, 7.0e-4 to 7.6e-4.
+MUON_STEP_REL = 3e-4
+# Muon's momentum buffer after that step (1 - momentum times the clipped gradient): 5.8e-7 to 6.8e-7, the gradients'
+# own difference (GRAD_REL's measured 6.8e-7 to 8.7e-7).
+MUON_MOMENTUM_REL = 3e-6
+# 20 steps of that run: worst per-step loss 5.2e-5 to 8.8e-5, the bf16 flips above carried through the steps (with
+# either orientation, or the excess precision, as well: 4.8e-5 to 1.2e-4); TRAJECTORY_REL stays AdamW's. The momentum
+# buffer after the last step 6.3e-3 to 1.1e-2 (an average of gradients whose parameters the same flips moved apart).
+MUON_TRAJECTORY_REL = 2e-4
+MUON_TRAJECTORY_MOMENTUM_REL = 3e-2
+# The first step in bf16 against torch autocast: every parameter after, 1.3e-3 to 1.6e-3 (BF16_REL bounds it). Each
+# side's Muon matrices against its own fp32 step, the least changed: 2.2e-4 to 2.5e-4 (flax), 2.3e-4 to 2.4e-4
+# (torch), where an fp32 step differs from itself by 0. The 20-step bf16 trajectory against autocast: worst per-step
+# loss 3.1e-4 (BF16_REL bounds it).
+MUON_BF16_OWN_FLOOR = 5e-5
 
 
 @dataclasses.dataclass(frozen=True)

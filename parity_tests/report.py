@@ -134,12 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from parity_tests import checks, dropout_checks, fp16_checks
+    from parity_tests import checks, dropout_checks, fp16_checks, muon_checks
 
     measurements = []
     for name, group in (("forward", checks.all_forward_checks), ("optimizer", checks.all_optimizer_checks),
                         ("generation", checks.all_generation_checks), ("conversion", checks.all_conversion_checks),
-                        ("dropout", dropout_checks.all_dropout_checks), ("float16", fp16_checks.all_fp16_checks)):
+                        ("dropout", dropout_checks.all_dropout_checks), ("float16", fp16_checks.all_fp16_checks),
+                        ("muon", muon_checks.all_muon_checks)):
         t = time.time()
         measurements += group()
         print(f"{name} checks done: {len(measurements)} measured, {time.time() - t:.0f} s", file=sys.stderr, flush=True)

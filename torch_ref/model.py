@@ -186,6 +186,25 @@ class GPT(nn.Module):
         use_fused = fused_available and device_type == "cuda"
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
 
+    def configure_muon_optimizers(self, weight_decay: float, learning_rate: float, device_type: str,
+                                  muon_lr: float = 0.02, muon_momentum: float = 0.95,
+                                  muon_weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+        """[torch.optim.Muon on the blocks' weight matrices (CONV1D_SUFFIXES), AdamW as configure_optimizers on the
+        rest]. Muon's group carries lr_ratio = muon_lr / learning_rate: train_step sets its lr to lr * lr_ratio."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # tied weight once
+        matrices = [p for n, p in named if n.endswith(CONV1D_SUFFIXES)]
+        rest = [p for n, p in named if not n.endswith(CONV1D_SUFFIXES)]
+        muon = torch.optim.Muon([{"params": matrices, "lr_ratio": muon_lr / learning_rate}], lr=muon_lr,
+                                weight_decay=muon_weight_decay, momentum=muon_momentum, nesterov=True,
+                                adjust_lr_fn=None)
+        optim_groups = [
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        use_fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
+        adamw = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
+        return [muon, adamw]
+
 
 def dropout(x, p: float, training: bool, mask=None):
     """F.dropout(x, p, training), or with a given mask (True: kept) the same formula: x * mask / (1 - p)."""

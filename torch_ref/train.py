@@ -24,7 +24,7 @@ def get_lr(it: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: 
 
 def train_step(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     lr: float,
     grad_clip: float = 1.0,
@@ -33,11 +33,15 @@ def train_step(
 ) -> tuple[float, float]:
     """One optimizer step over len(micro_batches) accumulated micro batches of (x, y), each (B, T); with a
     GradScaler (float16 autocast), as torch's AMP recipe: scaled backward, unscale_, clip, scaler.step, update.
+    optimizer may be a list (configure_muon_optimizers'): each zeroed, unscaled and stepped, the gradients clipped over
+    all parameters; every group's lr is lr * its "lr_ratio" (1 where it has none).
 
     Returns (mean loss over the micro batches, gradient norm before clipping).
     """
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     model.train()
-    optimizer.zero_grad()
+    for opt in optimizers:
+        opt.zero_grad()
     grad_accum_steps = len(micro_batches)
     loss_accum = 0.0
     for x, y in micro_batches:
@@ -51,14 +55,18 @@ def train_step(
         loss_accum += loss.detach().item()
         (loss if scaler is None else scaler.scale(loss)).backward()
     if scaler is not None:
-        scaler.unscale_(optimizer)  # the gradients unscaled in place, inf/NaN noted
+        for opt in optimizers:
+            scaler.unscale_(opt)  # the gradients unscaled in place, inf/NaN noted
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)  # skipped when the gradients hold an inf or NaN
+    for opt in optimizers:
+        for param_group in opt.param_groups:
+            param_group["lr"] = lr * param_group.get("lr_ratio", 1.0)
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)  # skipped when the gradients hold an inf or NaN
+    if scaler is not None:
         scaler.update()
-    optimizer.zero_grad()
+    for opt in optimizers:
+        opt.zero_grad()
     return loss_accum, float(norm)
