@@ -27,7 +27,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' weight matrices, AdamW on the rest)
-    muon_lr: float = 0.02  # Muon's max learning rate; the same warmup and cosine, scaled
+    muon_lr: float = 0.01  # Muon's max learning rate; the same warmup and cosine, scaled
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
 

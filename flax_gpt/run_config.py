@@ -49,7 +49,7 @@ class TrainConfig:
     weight_decay: float = flag(0.1, defines_run=True)
     grad_clip: float = flag(1.0, defines_run=True)
     optimizer: Literal["adamw", "muon"] = flag("adamw", defines_run=True)  # muon: Muon (torch.optim.Muon's) for the blocks' weight matrices, AdamW for embeddings, LayerNorms and biases
-    muon_lr: float = flag(0.02, defines_run=True, check="positive")  # Muon's max learning rate (same warmup and cosine as --lr)
+    muon_lr: float = flag(0.01, defines_run=True, check="positive")  # Muon's max learning rate (same warmup and cosine as --lr)
     muon_momentum: float = flag(0.95, defines_run=True, check="fraction")  # Muon's Nesterov momentum
     muon_weight_decay: float = flag(0.0, defines_run=True, check="non_negative")  # Muon's decoupled weight decay: W *= 1 - lr * wd
     dropout: float = flag(0.0, defines_run=True, check="fraction")  # nanoGPT's dropout in training (e.g. 0.2; 0: off); evaluation and sampling never drop

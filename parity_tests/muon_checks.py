@@ -27,8 +27,9 @@ NS_SHAPES = ((32, 96), (96, 32), (48, 48))  # wide, tall, square: odd's c_attn (
 
 
 def _muon_cfg(**overrides):
-    """checks._opt_cfg with --optimizer muon; Muon's weight decay on, so that its path is compared too."""
-    return _opt_cfg(**{**dict(optimizer="muon", muon_weight_decay=0.1), **overrides})
+    """checks._opt_cfg with --optimizer muon at lr 0.02 (the bounds were measured there); Muon's weight decay on, so
+    that its path is compared too."""
+    return _opt_cfg(**{**dict(optimizer="muon", muon_lr=0.02, muon_weight_decay=0.1), **overrides})
 
 
 def newton_schulz_vs_torch(jit: bool = False) -> Measurement:

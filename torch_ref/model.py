@@ -187,7 +187,7 @@ class GPT(nn.Module):
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
 
     def configure_muon_optimizers(self, weight_decay: float, learning_rate: float, device_type: str,
-                                  muon_lr: float = 0.02, muon_momentum: float = 0.95,
+                                  muon_lr: float = 0.01, muon_momentum: float = 0.95,
                                   muon_weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
         """[torch.optim.Muon on the blocks' weight matrices (CONV1D_SUFFIXES), AdamW as configure_optimizers on the
         rest]. Muon's group carries lr_ratio = muon_lr / learning_rate: train_step sets its lr to lr * lr_ratio."""
