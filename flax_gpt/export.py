@@ -82,7 +82,9 @@ def save_torch_checkpoint(run: TrainedModel, out: str | Path, fmt: str, overwrit
     else:
         best = min((loss for step, loss in run.val_losses.items() if step <= run.step), default=1e9)
         ckpt = torch_ckpt.nanogpt_checkpoint(run.model, run.step, best, _optim_config(run.train_config), run.adam)
-        optimizer = f"AdamW moments of step {run.step}" if run.adam else "empty AdamW state (fresh moments)"
+        optimizer = (f"AdamW moments of step {run.step}" if run.adam else
+                     "empty AdamW state (this run trained with Muon: nanoGPT's train.py has no Muon state to resume "
+                     "from, its AdamW starts afresh)" if _trained_with_muon(run) else "empty AdamW state (fresh moments)")
     created = _make_parents(out.parent)
     done = False
     try:
@@ -106,6 +108,10 @@ def check_file_target(out: str | Path, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; choose another path or pass --overwrite to replace it")
     return out
+
+
+def _trained_with_muon(run: TrainedModel) -> bool:
+    return (run.train_config or {}).get("optimizer") == "muon"
 
 
 def _optim_config(train_config: dict | None) -> OptimConfig:

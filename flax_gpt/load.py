@@ -66,7 +66,8 @@ class TrainedModel:
     model: GPT
     step: int = 0  # optimizer steps taken
     train_config: dict | None = None  # a flax_gpt run's TrainConfig, as its checkpoint meta records it
-    adam: tuple[GPT, GPT, int] | None = None  # AdamW moments (mu, nu: shaped like the model) and update count
+    adam: tuple[GPT, GPT, int] | None = None  # AdamW moments (mu, nu: shaped like the model) and update count; None
+    # for a run trained with Muon (its AdamW moments are not the model's)
     val_losses: dict[int, float] = dataclasses.field(default_factory=dict)  # by step, from the run's metrics.jsonl
 
 
@@ -90,7 +91,8 @@ def load_run(init_from: str | Path) -> TrainedModel:
             ckpt.close()
     config = _run_config(meta, ckpt_dir)
     fill = _filler(config, ckpt_dir)
-    adam = _adam_moments(tree.get("opt_state") if isinstance(tree, dict) else None)
+    trained_with_muon = (meta.get("train_config") or {}).get("optimizer") == "muon"  # its AdamW moments cover part
+    adam = None if trained_with_muon else _adam_moments(tree.get("opt_state") if isinstance(tree, dict) else None)
     return TrainedModel(fill(tree["params"]), step=int(meta["step"]), train_config=meta.get("train_config"),
                         adam=(fill(adam["mu"]), fill(adam["nu"]), int(adam["count"])) if adam else None,
                         val_losses=_val_losses(ckpt_dir.parent / "metrics.jsonl"))

@@ -164,8 +164,7 @@ def test_save_pretrained_returns_what_it_wrote(odd_model, tmp_path):
 # ----------------------------------------------------------------------------- from a training run
 
 
-@pytest.fixture(scope="module")
-def train_run(tmp_path_factory):
+def write_train_run(run_dir: Path, optimizer: str = "adamw"):
     """A training out dir as train.py writes it: checkpoints/<step>/{state,meta} with the run's meta."""
     from flax_gpt.checkpoint import Checkpointer
     from flax_gpt.optim import OptimConfig, make_optimizer
@@ -173,18 +172,35 @@ def train_run(tmp_path_factory):
     from flax_gpt.run_config import TrainConfig
     from flax_gpt.train_step import init_state
 
-    run_dir = tmp_path_factory.mktemp("run")
     model = perturbed_gpt(preset("tiny"), seed=3)
     expected = params_of(model)
-    tx = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=1, max_steps=2))
+    tx = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=1, max_steps=2, optimizer=optimizer))
     _, state = init_state(model, tx)
+    train_config = TrainConfig(preset="tiny", out_dir=str(run_dir), max_steps=2, optimizer=optimizer)
     meta = {"step": 2, "model_config": _config_record(model.config), "loader": {"epoch": 0, "position": 2},
-            "train_config": dataclasses.asdict(TrainConfig(preset="tiny", out_dir=str(run_dir), max_steps=2)),
-            "seed": 1337}
+            "train_config": dataclasses.asdict(train_config), "seed": 1337}
     ckpt = Checkpointer(run_dir / "checkpoints")
     ckpt.save(2, state, meta)
     ckpt.close()
     return run_dir, model, expected
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    return write_train_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.mark.torch  # a .pt export needs torch
+def test_a_muon_run_exports_its_weights_to_nanogpt_with_a_fresh_adamw(tmp_path, capsys):
+    """nanoGPT's train.py has no Muon: the .pt holds the weights and an empty AdamW state, and the CLI says why."""
+    run_dir, _, expected = write_train_run(tmp_path / "run", optimizer="muon")
+    assert export.main([str(run_dir), str(tmp_path / "ckpt.pt"), "--format", "nanogpt"]) == 0
+    out = capsys.readouterr().out
+    assert "empty AdamW state (this run trained with Muon: nanoGPT's train.py has no Muon state" in out, out
+    ckpt = torch_ckpt.read(tmp_path / "ckpt.pt")
+    assert ckpt["optimizer"]["state"] == {} and ckpt["iter_num"] == 2
+    weight = ckpt["model"]["transformer.h.1.mlp.c_fc.weight"].numpy()  # nn.Linear: (out, in)
+    assert np.array_equal(weight, expected[("h", "mlp", "c_fc", "kernel")][1].T)
 
 
 @pytest.mark.torch  # transformers loads the export

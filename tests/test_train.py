@@ -33,19 +33,23 @@ model.save_pretrained(sys.argv[1])
 """
 
 
+MUON = ["--optimizer", "muon"]  # the killed run trains with Muon: its momentum must resume exactly too
+
+
 def make_specs(work: Path) -> dict[str, Spec]:
     def state_of(out):  # what a killed / interrupted run left on disk
         return lambda: {"ckpts": ckpt_steps(work / out), "records": read_records(work / out)}
 
     return {  # plan order, 2 at a time: a20 compiles the shapes most runs share while cheap runs go beside it
         "a20": Spec([*LONG, "--out-dir", "a20"], before=lambda: {"out": "a20"}),
-        "a20_bf16": Spec(with_args(LONG, ["--out-dir", "a20_bf16", "--dtype", "bf16", "--dropout", "0.1"]),
+        "a20_bf16": Spec(with_args(LONG, ["--out-dir", "a20_bf16", "--dtype", "bf16", "--dropout", "0.1", *MUON]),
                          before=lambda: {"out": "a20_bf16"}),
         "hf_model": Spec([PYTHON, "-c", HF_SCRIPT, str(work / "hf_model")], command=True),
         "err_binary": Spec(with_args(COMMON, ["--data", "binary.dat", "--out-dir", "err_binary"])),
         "err_metal": Spec([*COMMON, "--device", "metal", "--out-dir", "err_metal"]),
         "a6": Spec([*SHORT, "--out-dir", "a6"]),
-        "b_kill": Spec(with_args(LONG, ["--out-dir", "b", "--dtype", "bf16", "--dropout", "0.1"]), deps=("a20_bf16",),
+        "b_kill": Spec(with_args(LONG, ["--out-dir", "b", "--dtype", "bf16", "--dropout", "0.1", *MUON]),
+                       deps=("a20_bf16",),
                        signal_at=(signal.SIGKILL, "b", True), after=state_of("b")),
         "c_int": Spec(with_args(LONG, ["--out-dir", "c", "--ckpt-interval", str(CTRL_C_CKPT_INTERVAL)]),
                       deps=("a20",), signal_at=(signal.SIGINT, "c", False), after=state_of("c")),
@@ -307,14 +311,15 @@ def test_extending_a_finished_run_trains_on_at_the_final_learning_rate(runs, wor
 
 
 @needs("a20_bf16", "b_kill", "b_resume")
-def test_resume_after_sigkill_is_exact_in_bf16_with_dropout_without_flags(runs, work):
-    """The dropout masks continue too: the key is in the checkpoint, the masks follow the step."""
+def test_resume_after_sigkill_is_exact_in_bf16_with_dropout_and_muon_without_flags(runs, work):
+    """The dropout masks continue too (the key is in the checkpoint, the masks follow the step), and Muon's momentum."""
     killed = runs.result("b_kill")
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
     assert killed.signalled_after is not None and killed.signalled_after >= SIGNAL_AT_STEP
     assert max(train_losses(killed.extra["records"])) < LONG_STEPS - 1  # really killed mid-run
     resumed = runs.result("b_resume")
     assert "dtype bfloat16" in resumed.stdout and "resuming b/checkpoints at step" in resumed.stdout, resumed.stdout
+    assert "optimizer: muon" in resumed.stdout, resumed.stdout  # --optimizer came back from the checkpoint
     check_exact_resume(runs.result("a20_bf16"), killed, resumed, work / "b")
 
 
