@@ -9,6 +9,7 @@ GPT-2's vocabulary and context at no cost. Numerics are what `mps` gets in flax_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -51,13 +52,14 @@ def tokens(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
 
-def train_step(dtype: str, shape: tuple[int, int], accum: int = 1, **numerics):
-    """train.py's step (no donation on mps) over (accum, B, T) batches."""
+def train_step(dtype: str, shape: tuple[int, int], accum: int = 1, optimizer: str = "adamw", **numerics):
+    """train.py's step (no donation on mps) over (accum, B, T) batches, with --optimizer optimizer."""
     config = model_config(dtype, **numerics)
-    tx = make_optimizer(OPTIM)
+    optim = dataclasses.replace(OPTIM, optimizer=optimizer)
+    tx = make_optimizer(optim)
     graphdef, _ = abstract_model(config)
     state = jax.eval_shape(lambda: init_state(GPT(config), tx)[1])
-    step = make_train_step(graphdef, tx, lr_schedule(OPTIM), donate=CAPS.donation)
+    step = make_train_step(graphdef, tx, lr_schedule(optim), donate=CAPS.donation)
     return mps.lower(step, state, tokens(accum, *shape), tokens(accum, *shape))
 
 
@@ -119,6 +121,7 @@ PROGRAMS = {
     "train fp32 remat short": P(train_step, "float32", SHORT, remat=True),
     "train bf16 accum 2": P(train_step, "bfloat16", LONG, accum=2),
     "train bf16 scan-layers": P(train_step, "bfloat16", LONG, scan_layers=True),
+    "train bf16 muon": P(train_step, "bfloat16", LONG, optimizer="muon"),
     "eval": P(eval_step, LONG),
     "eval short": P(eval_step, SHORT),
     "evaluate loss": loss_step,
