@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -68,8 +69,11 @@ TARGETS = {
     # build-nanogpt's tokens per step in 16 GB
     "t4": Target("t4", "t4.txtpb", 15843721216, 320e9, {"float16": 65e12, "float32": 8.1e12}, ("float16", "float32"), 8),
 }
-# train_step_dropout: the train step with --dropout DROPOUT (XLA attention: cuDNN's refuses the run's masks)
-PROGRAMS = ("train_step", "eval_step", "hellaswag_step", "prefill", "decode_step", "train_step_dropout")
+# train_step_dropout: the train step with --dropout DROPOUT (XLA attention: cuDNN's refuses the run's masks);
+# train_step_muon: the train step with --optimizer muon (flax_gpt/muon.py on the blocks' matrices, AdamW on the rest)
+PROGRAMS = ("train_step", "eval_step", "hellaswag_step", "prefill", "decode_step", "train_step_dropout",
+            "train_step_muon")
+TRAIN_VARIANTS = ("train_step_dropout", "train_step_muon")  # train-step rows, not programs of their own
 DROPOUT = 0.1
 HOST_OPCODES = (" infeed(", " outfeed(", " send(", " recv(", " send-done(", " recv-done(")  # ops that need the host
 CPU_TARGETS = ("callback", "cpu", "lapack", "ducc")  # custom calls that run Python or CPU code
@@ -100,12 +104,12 @@ def on(device, tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def programs(name: str, config, micro_batch: int, accum: int, seq_len: int, device):
+def programs(name: str, config, micro_batch: int, accum: int, seq_len: int, device, optimizer: str = "adamw"):
     """(jitted function, abstract arguments, sequences, tokens it processes) of one program of a gpt2-preset GPU
-    run."""
+    run; the train step with OptimConfig(optimizer=optimizer)."""
     model = nnx.eval_shape(lambda: GPT(config))
     if name == "train_step":
-        tx = make_optimizer(OptimConfig())
+        tx = make_optimizer(OptimConfig(optimizer=optimizer))
         state = nnx.eval_shape(lambda: init_state(GPT(config), tx)[1])
         step = make_train_step(nnx.split(model, nnx.Param)[0], tx, lr_schedule(OptimConfig()))
         x = jax.ShapeDtypeStruct((accum, micro_batch, seq_len), jnp.int32)
@@ -144,24 +148,11 @@ def plugin_installed() -> bool:
     return plugins.is_dir() and any(p.name.startswith("xla_cuda") for p in plugins.iterdir())
 
 
-def compile_row(target: Target, device, program: str, dtype: str, attention: str, remat: bool, micro_batch: int,
-                accum: int, loss_chunk: int | None = None, dropout: float = 0.0) -> dict:
-    """Compile one program for the target; its memory, custom calls, cost and roofline as one JSON row.
-
-    loss_chunk: tokens per chunk of the lm_head + loss (ops.LOSS_CHUNK, chosen for CPU memory), 0 for the full
-    logits with plain autodiff; None keeps the library's choice.
-    """
-    run = RUN_PRESETS["gpt2"]
-    config = preset(run.model, dtype=dtype, attention=attention, remat=remat, dropout=dropout)
-    fn, args, micro_batch, tokens = programs(program, config, micro_batch, accum, run.seq_len, device)
-    kept = ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS
-    if loss_chunk is not None:  # read while tracing
-        ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS = (loss_chunk, kept[1]) if loss_chunk else (kept[0], 2**62)
+def measure(target: Target, fn, args, dtype: str) -> dict:
+    """Compile fn for the target's device on its abstract arguments: XLA's memory analysis, custom calls, host ops,
+    FLOPs and bytes (hlo_cost) and the roofline at the target's `dtype` peak, as row fields."""
     t0 = time.time()
-    try:
-        compiled = fn.trace(*args).lower().compile()
-    finally:
-        ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS = kept
+    compiled = fn.trace(*args).lower().compile()
     compile_s = time.time() - t0
     text = compiled.as_text()
     memory = compiled.memory_analysis()
@@ -170,22 +161,46 @@ def compile_row(target: Target, device, program: str, dtype: str, attention: str
     cost = hlo_cost.program_cost(text)
     peak_flops = target.peak[dtype]
     roofline_s = max(cost["flops"] / peak_flops, cost["bytes_accessed"] / target.bandwidth)
+    return {
+        "peak_bytes": peak_bytes, "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
+        "alias_bytes": memory.alias_size_in_bytes, "device_memory_bytes": target.memory_bytes,
+        "fits": peak_bytes <= (1 - HEADROOM) * target.memory_bytes, "compile_s": round(compile_s, 1),
+        "custom_calls": hlo_cost.custom_call_targets(text),
+        "triton_gemm_fusions": len(re.findall(r'"kind":"__triton\w*gemm\w*"', text)),  # the matmuls not in cuBLAS
+        "host_ops": host_ops(text),
+        "flops": cost["flops"], "bytes_accessed": cost["bytes_accessed"],
+        "roofline_s": roofline_s, "roofline_bound": "compute" if cost["flops"] / peak_flops >= cost["bytes_accessed"]
+        / target.bandwidth else "memory",
+    }
+
+
+def compile_row(target: Target, device, program: str, dtype: str, attention: str, remat: bool, micro_batch: int,
+                accum: int, loss_chunk: int | None = None, dropout: float = 0.0, optimizer: str = "adamw") -> dict:
+    """Compile one program for the target; its memory, custom calls, cost and roofline as one JSON row.
+
+    loss_chunk: tokens per chunk of the lm_head + loss (ops.LOSS_CHUNK, chosen for CPU memory), 0 for the full
+    logits with plain autodiff; None keeps the library's choice. optimizer: the train step's (adamw or muon).
+    """
+    run = RUN_PRESETS["gpt2"]
+    config = preset(run.model, dtype=dtype, attention=attention, remat=remat, dropout=dropout)
+    fn, args, micro_batch, tokens = programs(program, config, micro_batch, accum, run.seq_len, device, optimizer)
+    kept = ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS
+    if loss_chunk is not None:  # read while tracing
+        ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS = (loss_chunk, kept[1]) if loss_chunk else (kept[0], 2**62)
+    try:
+        measured = measure(target, fn, args, dtype)
+    finally:
+        ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS = kept
     n_params = params_without_wpe(nnx.state(nnx.eval_shape(lambda: GPT(config)), nnx.Param), config)
     model_flops = flops_per_token(config, n_params, run.seq_len) * tokens
     return {
         "target": target.name, "device": device.device_kind, "program": program, "attention": attention,
         "loss_chunk": ops.LOSS_CHUNK if loss_chunk is None else loss_chunk, "xla_flags": os.environ.get("XLA_FLAGS"),
-        "remat": remat, "dropout": dropout, "dtype": dtype, "micro_batch": micro_batch, "accum": accum, "seq_len": run.seq_len,
-        "tokens": tokens, "peak_bytes": peak_bytes, "temp_bytes": memory.temp_size_in_bytes,
-        "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
-        "alias_bytes": memory.alias_size_in_bytes, "device_memory_bytes": target.memory_bytes,
-        "fits": peak_bytes <= (1 - HEADROOM) * target.memory_bytes, "compile_s": round(compile_s, 1),
-        "custom_calls": hlo_cost.custom_call_targets(text),
-        "host_ops": host_ops(text),
-        "flops": cost["flops"], "bytes_accessed": cost["bytes_accessed"],
-        "roofline_s": roofline_s, "roofline_bound": "compute" if cost["flops"] / peak_flops >= cost["bytes_accessed"]
-        / target.bandwidth else "memory",
-        "mfu_at_roofline": model_flops / (roofline_s * peak_flops) if program == "train_step" else None,
+        "remat": remat, "dropout": dropout, "optimizer": optimizer, "dtype": dtype, "micro_batch": micro_batch,
+        "accum": accum, "seq_len": run.seq_len, "tokens": tokens, **measured,
+        "mfu_at_roofline": model_flops / (measured["roofline_s"] * target.peak[dtype]) if program == "train_step"
+        else None,
     }
 
 
@@ -207,10 +222,12 @@ def plan(target: Target, wanted: tuple[str, ...], loss_chunks: list[int] | None 
             rows += [dict(train, attention=a, remat=r) for a in attentions for r in (False, True)]
         if "train_step_dropout" in wanted:
             rows += [dict(train, attention="xla", remat=False, dropout=DROPOUT)]
+        if "train_step_muon" in wanted and dtype == "bfloat16":  # Newton-Schulz in bf16: not on a T4
+            rows += [dict(train, attention=auto, remat=False, optimizer="muon")]
         if dtype == "float16":  # train.py trains in float16 there (--dtype auto), and evaluates in float32
             continue
         rows += [dict(program=p, dtype=dtype, attention=auto, remat=False, micro_batch=target.micro_batch, accum=1)
-                 for p in PROGRAMS[1:-1] if p in wanted]
+                 for p in PROGRAMS[1:] if p in wanted and p not in TRAIN_VARIANTS]
     return rows
 
 
@@ -220,6 +237,7 @@ def summary(row: dict) -> str:
     mfu = f"{row['mfu_at_roofline']:.0%}" if row["mfu_at_roofline"] is not None else "-"
     return (f"{row['target']:5} {row['program']:14} {row['dtype']:8} {row['attention']:5} remat={row['remat']!s:5} "
             f"{'dropout=' + str(row['dropout']) + ' ' if row.get('dropout') else ''}"
+            f"{'optimizer=' + row['optimizer'] + ' ' if row.get('optimizer', 'adamw') != 'adamw' else ''}"
             f"{row['micro_batch']:3}x{row['accum']:<2} peak {row['peak_bytes'] / GiB:6.2f} GiB "
             f"({'fits' if row['fits'] else 'DOES NOT FIT'} {row['device_memory_bytes'] / GiB:.0f} GiB) "
             f"{row['flops'] / 1e12:8.2f} TFLOP {row['bytes_accessed'] / 1e9:8.1f} GB roofline "
@@ -253,7 +271,8 @@ def markdown(results: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["rows"]:
         mfu = f"{r['mfu_at_roofline']:.0%}" if r["mfu_at_roofline"] is not None else "-"
-        program = r["program"] + (f" (dropout {r['dropout']})" if r.get("dropout") else "")
+        program = r["program"] + (f" (dropout {r['dropout']})" if r.get("dropout") else "") + (
+            f" ({r['optimizer']})" if r.get("optimizer", "adamw") != "adamw" else "")
         lines.append(f"| {r['target']} | {program} | {r['attention']} | {'yes' if r['remat'] else 'no'} | "
                      f"{r['dtype']} | {r['micro_batch']}x{r['accum']} | {r['peak_bytes'] / GiB:.2f} "
                      f"({r['device_memory_bytes'] / GiB:.1f}) | {'yes' if r['fits'] else 'no'} | "
