@@ -95,11 +95,11 @@ def muon_schedule(cfg: OptimConfig) -> optax.Schedule:
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     """Gradient clipping by global norm, then AdamW with the warmup-cosine schedule (with --optimizer muon: Muon on
     the blocks' weight matrices, AdamW on the other parameters)."""
-    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    tx = optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
+                     weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.optimizer == "muon":
-        adamw = optax.multi_transform(
-            {"adamw": adamw, "muon": muon(muon_schedule(cfg), cfg.muon_momentum, cfg.muon_weight_decay)}, muon_labels)
+        tx = optax.multi_transform(
+            {"adamw": tx, "muon": muon(muon_schedule(cfg), cfg.muon_momentum, cfg.muon_weight_decay)}, muon_labels)
     if cfg.grad_clip <= 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+        return tx
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
