@@ -28,7 +28,7 @@ from flax_gpt import torch_ckpt
 from flax_gpt.errors import UserError, run_cli
 from flax_gpt.files import atomic_directory, atomic_write
 from flax_gpt.hf import config_to_hf, to_hf_state_dict
-from flax_gpt.load import TrainedModel, load_model, load_run
+from flax_gpt.load import TrainedModel, load_model, load_run, trained_with_muon
 from flax_gpt.model import GPT
 from flax_gpt.optim import OptimConfig
 
@@ -84,7 +84,7 @@ def save_torch_checkpoint(run: TrainedModel, out: str | Path, fmt: str, overwrit
         ckpt = torch_ckpt.nanogpt_checkpoint(run.model, run.step, best, _optim_config(run.train_config), run.adam)
         optimizer = (f"AdamW moments of step {run.step}" if run.adam else
                      "empty AdamW state (this run trained with Muon: nanoGPT's train.py has no Muon state to resume "
-                     "from, its AdamW starts afresh)" if _trained_with_muon(run) else "empty AdamW state (fresh moments)")
+                     "from, its AdamW starts afresh)" if trained_with_muon(run.train_config) else "empty AdamW state (fresh moments)")
     created = _make_parents(out.parent)
     done = False
     try:
@@ -108,10 +108,6 @@ def check_file_target(out: str | Path, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; choose another path or pass --overwrite to replace it")
     return out
-
-
-def _trained_with_muon(run: TrainedModel) -> bool:
-    return (run.train_config or {}).get("optimizer") == "muon"
 
 
 def _optim_config(train_config: dict | None) -> OptimConfig:

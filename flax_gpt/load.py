@@ -91,8 +91,8 @@ def load_run(init_from: str | Path) -> TrainedModel:
             ckpt.close()
     config = _run_config(meta, ckpt_dir)
     fill = _filler(config, ckpt_dir)
-    trained_with_muon = (meta.get("train_config") or {}).get("optimizer") == "muon"  # its AdamW moments cover part
-    adam = None if trained_with_muon else _adam_moments(tree.get("opt_state") if isinstance(tree, dict) else None)
+    adam = (None if trained_with_muon(meta.get("train_config"))  # its AdamW moments cover part of the model
+            else _adam_moments(tree.get("opt_state") if isinstance(tree, dict) else None))
     return TrainedModel(fill(tree["params"]), step=int(meta["step"]), train_config=meta.get("train_config"),
                         adam=(fill(adam["mu"]), fill(adam["nu"]), int(adam["count"])) if adam else None,
                         val_losses=_val_losses(ckpt_dir.parent / "metrics.jsonl"))
@@ -113,6 +113,11 @@ def _filler(config: GPTConfig, where: Path):
         return model
 
     return fill
+
+
+def trained_with_muon(train_config: dict | None) -> bool:
+    """Whether a flax_gpt run's TrainConfig record (None for other sources) trained with --optimizer muon."""
+    return (train_config or {}).get("optimizer") == "muon"
 
 
 def _adam_moments(tree) -> dict | None:

@@ -70,18 +70,21 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(per_leaf, params)
 
 
+def _in_block(path) -> bool:
+    """Whether a parameter's path is under "h", the stacked blocks (a leading layer axis)."""
+    return any(getattr(k, "key", None) == "h" for k in path[:1])
+
+
 def _rank(path, p) -> int:
-    """A parameter's own rank: stacked block parameters (under "h") carry a leading layer axis."""
-    stacked = any(getattr(k, "key", None) == "h" for k in path[:1])
-    return p.ndim - 1 if stacked else p.ndim
+    """A parameter's own rank: stacked block parameters carry a leading layer axis."""
+    return p.ndim - 1 if _in_block(path) else p.ndim
 
 
 def muon_labels(params):
     """"muon" for the blocks' weight matrices (attention and MLP kernels), "adamw" for the embeddings (and so the
     tied head), LayerNorm gains and biases, as the speedrun splits them."""
     def per_leaf(path, p):
-        in_block = any(getattr(k, "key", None) == "h" for k in path[:1])
-        return "muon" if in_block and _rank(path, p) == 2 else "adamw"
+        return "muon" if _in_block(path) and _rank(path, p) == 2 else "adamw"
 
     return jax.tree_util.tree_map_with_path(per_leaf, params)
 

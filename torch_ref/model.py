@@ -173,9 +173,12 @@ class GPT(nn.Module):
         load_state_dict(model, hf_to_torch_state_dict(hf_model.state_dict()))
         return model
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, device_type: str):
-        """AdamW as build-nanogpt: weight decay on matmul weights and embeddings (dim >= 2) only."""
-        param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}  # tied weight once
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, device_type: str,
+                             skip: tuple[str, ...] = ()):
+        """AdamW as build-nanogpt: weight decay on matmul weights and embeddings (dim >= 2) only; the parameters
+        whose names end with one of `skip` are left out (another optimizer updates them)."""
+        param_dict = {pn: p for pn, p in self.named_parameters()
+                      if p.requires_grad and not pn.endswith(skip)}  # tied weight once
         decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
         nodecay_params = [p for n, p in param_dict.items() if p.dim() < 2]
         optim_groups = [
@@ -191,19 +194,11 @@ class GPT(nn.Module):
                                   muon_weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
         """[torch.optim.Muon on the blocks' weight matrices (CONV1D_SUFFIXES), AdamW as configure_optimizers on the
         rest]. Muon's group carries lr_ratio = muon_lr / learning_rate: train_step sets its lr to lr * lr_ratio."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # tied weight once
-        matrices = [p for n, p in named if n.endswith(CONV1D_SUFFIXES)]
-        rest = [p for n, p in named if not n.endswith(CONV1D_SUFFIXES)]
+        matrices = [p for n, p in self.named_parameters() if p.requires_grad and n.endswith(CONV1D_SUFFIXES)]
         muon = torch.optim.Muon([{"params": matrices, "lr_ratio": muon_lr / learning_rate}], lr=muon_lr,
                                 weight_decay=muon_weight_decay, momentum=muon_momentum, nesterov=True,
                                 adjust_lr_fn=None)
-        optim_groups = [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        use_fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
-        adamw = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=use_fused)
-        return [muon, adamw]
+        return [muon, self.configure_optimizers(weight_decay, learning_rate, device_type, skip=CONV1D_SUFFIXES)]
 
 
 def dropout(x, p: float, training: bool, mask=None):
