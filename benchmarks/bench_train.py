@@ -29,6 +29,22 @@ import statistics
 import time
 
 
+ISA_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")  # what the CPU's matmul kernels can use
+
+
+def cpu_description() -> dict:
+    """{"model": the CPU's model name, "isa": which of ISA_FLAGS it has} from /proc/cpuinfo (Linux); else what
+    Python's platform module knows, and no flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {key.strip(): value.strip() for key, value in info.items()}
+        flags = set(info.get("flags", "").split())
+        return {"model": info.get("model name", platform.machine()), "isa": [f for f in ISA_FLAGS if f in flags]}
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "isa": []}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -175,7 +191,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--variants", nargs="+", default=None,
-                    help="any of flax-fp32 flax-bf16 flax-cudnn-bf16 torch-eager-fp32 torch-eager-bf16 torch-compile-fp32 "
+                    help="any of flax-fp32 flax-bf16 (the attention train.py picks), flax-{xla,tiled}-{fp32,bf16}, "
+                         "flax-cudnn-bf16, torch-eager-fp32 torch-eager-bf16 torch-compile-fp32 "
                          "torch-compile-bf16; default: fp32 and bf16 of flax and torch eager (CPU), the bf16 ones (GPU)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -196,6 +213,7 @@ def main():
     import torch
 
     from flax_gpt import preset
+    from flax_gpt.devices import attention_implementation
     from flax_gpt.metrics import flops_per_token, measured_matmul_peak, mfu, peak_flops
     from flax_gpt.optim import OptimConfig
 
@@ -206,7 +224,7 @@ def main():
     device = "cuda" if on_gpu else "cpu"
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True  # build-nanogpt's 'high' float32 matmul precision
-    variants = args.variants or (["flax-bf16", "flax-cudnn-bf16", "torch-eager-bf16", "torch-compile-bf16"] if on_gpu
+    variants = args.variants or (["flax-xla-bf16", "flax-cudnn-bf16", "torch-eager-bf16", "torch-compile-bf16"] if on_gpu
                                  else ["flax-fp32", "flax-bf16", "torch-eager-fp32", "torch-eager-bf16"])
     config = preset(args.preset)
     if args.seq_len > config.block_size:
@@ -233,8 +251,9 @@ def main():
     for variant in variants:
         framework, *mode, dtype = variant.split("-")
         if framework == "flax":
-            cfg = config.replace(dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
-                                 attention="cudnn" if mode == ["cudnn"] else "xla")
+            compute = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+            attention = mode[0] if mode else attention_implementation("auto", jax.default_backend(), compute)
+            cfg = config.replace(dtype=compute, attention=attention)
             steps[variant] = flax_step_fn(cfg, batch, opt_cfg)
         else:
             if on_gpu:
@@ -260,9 +279,11 @@ def main():
         print(f"{variant:20s} {median * 1e3:9.1f} ms/step {tokens / median:9.0f} tok/s, loss {r['losses'][0]:.4f} "
               f"-> {r['losses'][-1]:.4f}", flush=True)
 
+    cpu = cpu_description()
     datasheet = f"MFU also against {peak_source} {datasheet_peak / 1e12:.0f} TFLOP/s" if datasheet_peak else peak_source
     where = (f"{jax.devices()[0].device_kind}, {datasheet}" if on_gpu
-             else f"{args.threads} threads, {platform.machine()} {os.cpu_count()} cores, malloc {malloc}")
+             else f"{cpu['model']} ({', '.join(cpu['isa']) or 'no AVX-512'}), {args.threads} threads, "
+                  f"{os.cpu_count()} cores, malloc {malloc}")
     header = (f"preset {args.preset}, B={args.batch_size}, T={args.seq_len}, {where}; jax {jax.__version__}, torch {torch.__version__}; "
               f"measured {matmul_n}x{matmul_n} matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print("\n" + header + "\n")
@@ -275,7 +296,7 @@ def main():
         gpu = f" {datasheet_mfu} | {r['peak_device_mb']:.0f} |" if on_gpu else ""
         print(f"| {name} | {r['median_ms']:.0f} | {r['tok_s']:.0f} | {r['first_step_s']:.1f} | "
               f"{r['mfu_vs_measured_peak']:.1%} |{gpu} {host} | {r['peak_rss_mb']:.0f} |")
-    summary = {"header": header, "device": device, "variants": results} | extra
+    summary = {"header": header, "device": device, "variants": results} | extra | ({} if on_gpu else {"cpu": cpu})
     if "flax-fp32" in results and "torch-eager-fp32" in results:
         ratio = results["flax-fp32"]["tok_s"] / results["torch-eager-fp32"]["tok_s"]
         summary |= {"flax_tok_s": results["flax-fp32"]["tok_s"], "torch_eager_tok_s": results["torch-eager-fp32"]["tok_s"],

@@ -6,6 +6,9 @@ import dataclasses
 from typing import Literal
 
 DType = Literal["float32", "bfloat16", "float16"]
+Attention = Literal["xla", "cudnn", "tiled"]  # GPTConfig.attention
+ATTENTIONS = ("xla", "cudnn", "tiled")
+AttentionFlag = Literal["auto", "xla", "cudnn", "tiled"]  # --attention of train, generate and evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +23,8 @@ class GPTConfig:
     vocab_multiple: int = 64  # wte rows are padded up to a multiple of this (50257 -> 50304)
     dtype: DType = "float32"  # compute dtype of matmuls and activations
     param_dtype: DType = "float32"  # storage dtype of parameters
-    attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+    # jax.nn.dot_product_attention's XLA or cuDNN implementation, or tiled (flax_gpt.tiled_attention, for CPUs)
+    attention: Attention = "xla"
     # 16-bit matmuls: "float32" accumulates and returns float32 (preferred_element_type); "compute" returns the
     # compute dtype, cast to float32 after (for backends that ignore preferred_element_type, e.g. jax-mps)
     matmul_output: Literal["float32", "compute"] = "float32"
@@ -41,8 +45,8 @@ class GPTConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"GPTConfig.{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(self, name)!r}")
-        if self.attention not in ("xla", "cudnn"):
-            raise ValueError(f"GPTConfig.attention must be 'xla' or 'cudnn', got {self.attention!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"GPTConfig.attention must be 'xla', 'cudnn' or 'tiled', got {self.attention!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.gelu not in ("tanh", "exact"):

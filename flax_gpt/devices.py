@@ -11,6 +11,7 @@ import importlib.metadata
 
 import jax
 
+from flax_gpt.config import ATTENTIONS
 from flax_gpt.data import cache_dir
 from flax_gpt.errors import UserError
 from flax_gpt.sharding import initialize_distributed
@@ -95,6 +96,7 @@ FLAG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # GPTC
 
 BF16_COMPUTE_CAPABILITY = 8.0  # Ampere: the first NVIDIA GPUs with bf16 tensor cores (T4 is 7.5, V100 7.0)
 CUDNN_FLASH_COMPUTE_CAPABILITY = 8.0  # JAX's cuDNN attention refuses older GPUs (fp16 included)
+TILED_DTYPES = ("float32", "bfloat16")  # tiled attention's dots (float16 ones with float32 results: XLA:CPU refuses)
 
 
 def gpu_compute_capability(devices=None) -> float:
@@ -158,11 +160,19 @@ def model_numerics(dtype_flag: str, attention_flag: str) -> tuple[str, dict]:
 
 
 def attention_implementation(attention: str, platform: str, dtype: str, dropout: float = 0.0) -> str:
-    """--attention as GPTConfig.attention: auto is cuDNN flash attention on CUDA in bf16 without dropout, XLA's
-    elsewhere (JAX's cuDNN attention fixes its dropout seed when it compiles: every step would drop the same)."""
+    """--attention as GPTConfig.attention: auto is cuDNN flash attention on CUDA in bf16 without dropout, tiled
+    attention on CPU in fp32 or bf16 without dropout, XLA's elsewhere (JAX's cuDNN attention fixes its dropout seed
+    when it compiles: every step would drop the same)."""
     cudnn_runs = capabilities(platform).cudnn_attention
     if attention == "auto":
-        return "cudnn" if cudnn_runs and dtype == "bfloat16" and dropout == 0 else "xla"
+        if cudnn_runs and dtype == "bfloat16" and dropout == 0:
+            return "cudnn"
+        return "tiled" if platform == "cpu" and dtype in TILED_DTYPES and dropout == 0 else "xla"
+    if attention == "tiled" and dropout > 0:
+        raise UserError(f"--attention tiled has no dropout, and this run has --dropout {dropout}: use --attention xla "
+                        "(or auto)")
+    if attention == "tiled" and dtype not in TILED_DTYPES:
+        raise UserError(f"--attention tiled computes in fp32 or bf16, this run in {dtype}: use --attention xla (or auto)")
     if attention == "cudnn" and dropout > 0:
         raise UserError(f"--attention cudnn cannot drop out with --dropout {dropout}: JAX's cuDNN attention fixes its "
                         "dropout seed when it compiles (the same entries every step); use --attention xla (or auto)")
@@ -176,6 +186,6 @@ def attention_implementation(attention: str, platform: str, dtype: str, dropout:
         raise UserError(f"--attention cudnn: cuDNN flash attention needs compute capability "
                         f"{CUDNN_FLASH_COMPUTE_CAPABILITY} or newer, this GPU has {gpu_compute_capability()}: use "
                         "--attention xla (or auto)")
-    if attention not in ("xla", "cudnn"):
-        raise UserError(f"--attention must be auto, xla or cudnn, got {attention!r}")
+    if attention not in ATTENTIONS:
+        raise UserError(f"--attention must be auto, {', '.join(ATTENTIONS)}; got {attention!r}")
     return attention

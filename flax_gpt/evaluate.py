@@ -34,6 +34,7 @@ import tyro
 from flax import nnx
 
 from flax_gpt import devices
+from flax_gpt.config import AttentionFlag
 from flax_gpt.errors import UserError, run_cli
 from flax_gpt.files import atomic_write
 from flax_gpt.load import load_model
@@ -56,7 +57,7 @@ class EvalConfig:
     max_batches: int | None = None  # evaluate at most this many batches; default the whole file
     hellaswag: str | None = None  # HellaSwag jsonl: ctx (or ctx_a/ctx_b), endings (4), label
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype; auto: bf16 on GPU/TPU, fp32 on CPU
-    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN flash attention on CUDA in bf16, else XLA's
+    attention: AttentionFlag = "auto"  # auto: cuDNN flash attention on CUDA in bf16, tiled on CPU (fp32, bf16) without dropout, else XLA's
     json: str | None = None  # also write the results to this JSON file
     debug: bool = False  # show tracebacks instead of one-line errors
 

@@ -23,6 +23,7 @@ import tyro
 from flax import nnx
 
 from flax_gpt import devices
+from flax_gpt.config import AttentionFlag
 from flax_gpt.errors import UserError, run_cli
 from flax_gpt.load import load_model
 from flax_gpt.model import GPT
@@ -141,7 +142,7 @@ class GenerateConfig:
     top_k: int | None = 50
     top_p: float | None = None
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN flash attention on CUDA in bf16, else XLA's (the prompt; decoding is XLA's)
+    attention: AttentionFlag = "auto"  # of the prompt (decoding is XLA's); auto: cuDNN on CUDA in bf16, tiled on CPU, else XLA's
     debug: bool = False  # show tracebacks instead of one-line errors
 
 

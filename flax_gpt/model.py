@@ -25,6 +25,7 @@ from flax import nnx
 from flax_gpt.config import GPTConfig
 from flax_gpt.ops import (attention_keep_mask, causal_attention, cross_entropy, dropout, gelu, gelu_exact, keep_mask,
                           layer_norm, lm_head_loss, masked_attention, matmul, site_key, tied_logits)
+from flax_gpt.tiled_attention import tiled_causal_attention
 
 INIT_STD = 0.02
 
@@ -97,8 +98,8 @@ class CausalSelfAttention(nnx.Module):
 
     def causal(self, q, k, v, dropout_key=None):
         """Causal attention of q, k, v (B, T, nh, hs): cuDNN's flash attention (keeps only its output and row
-        statistics for the backward pass), or XLA's by blocks of queries, recomputed in the backward pass. Dropout on
-        the probabilities is XLA's: JAX's cuDNN attention fixes its dropout seed when it compiles, so every step would
+        statistics for the backward pass), tiled attention (for CPUs, flax_gpt.tiled_attention; float16 goes to XLA's),
+        or XLA's by blocks of queries, recomputed in the backward pass. Dropout on the probabilities is XLA's: JAX's cuDNN attention fixes its dropout seed when it compiles, so every step would
         drop the same entries, and not those of the run's key."""
         if dropout_key is not None:
             if self.implementation == "cudnn":
@@ -107,6 +108,8 @@ class CausalSelfAttention(nnx.Module):
             return causal_attention(q, k, v, self.dropout, dropout_key)  # (B, T, nh, hs)
         if self.implementation == "cudnn":
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # (B, T, nh, hs)
+        if self.implementation == "tiled" and q.dtype != jnp.float16:
+            return tiled_causal_attention(q, k, v)  # (B, T, nh, hs)
         return causal_attention(q, k, v)  # (B, T, nh, hs)
 
 

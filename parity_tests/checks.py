@@ -27,7 +27,7 @@ torch.set_num_threads(1)  # 2 threads made these tiny ops ~100x slower on the 2-
 from flax import nnx  # noqa: E402
 
 import torch_ref  # noqa: E402
-from flax_gpt import GPT, ops  # noqa: E402
+from flax_gpt import GPT, ops, tiled_attention  # noqa: E402
 from flax_gpt.hf import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from parity_tests.checkpoints import (SHAPES_BY_NAME, load_as_the_originals_do, make_hf_model,  # noqa: E402
                                       save_build_nanogpt, save_checkpoint, save_nanogpt, torch_ref_model)
@@ -43,6 +43,11 @@ JIT_MAX_ABS = 5e-6  # jit vs eager logits: measured 3.6e-7 to 6.0e-7 (XLA fuses 
 # ops.causal_attention by blocks vs one XLA call, fp32 (T=45): measured output 9.7e-8, gradients 1.6e-7
 BLOCKED_ATTENTION_REL = 1e-6
 BLOCKED_ATTENTION_GRAD_REL = 2e-6
+# flax_gpt.tiled_attention (tiles of 8, its own backward) vs one XLA call differentiated by JAX, T=5, 8, 45: fp32
+# output 7.4e-8 to 1.9e-7, gradients 2.2e-7 to 2.5e-7; bf16 output 0 (the same bf16 dots per row; BF16_ULP bounds
+# it as for the blocks), gradients 3.9e-3 to 4.7e-3 (BF16_REL)
+TILED_ATTENTION_REL = 1e-6
+TILED_ATTENTION_GRAD_REL = 2e-6
 BF16_REL = 2e-2  # measured 5.6e-3 to 1.2e-2 (bf16 logits and gradients, flax vs torch autocast)
 BF16_KL = 1e-4  # measured 5.9e-6 to 1.7e-5 (mean softmax KL, flax bf16 vs torch autocast)
 BF16_GRAD_REL = BF16_REL  # the table's bf16 row; measured 9.4e-3 to 1.2e-2 (worst param) on tiny, odd, deep
@@ -253,12 +258,13 @@ def jit_vs_eager(shape: str) -> Measurement:
 @contextlib.contextmanager
 def small_blocks(attention_block: int = 8, loss_chunk: int = 16):
     """ops' attention blocks and loss chunks made small: tiny sequences then run several, the last one padded."""
-    saved = ops.ATTENTION_BLOCK, ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS
+    saved = ops.ATTENTION_BLOCK, ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS, tiled_attention.TILE
     ops.ATTENTION_BLOCK, ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS = attention_block, loss_chunk, loss_chunk
+    tiled_attention.TILE = attention_block
     try:
         yield
     finally:
-        ops.ATTENTION_BLOCK, ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS = saved
+        ops.ATTENTION_BLOCK, ops.LOSS_CHUNK, ops.FULL_LOGITS_TOKENS, tiled_attention.TILE = saved
 
 
 def flax_grads(model: GPT, idx: np.ndarray, training_loss: bool = True) -> dict[str, np.ndarray]:
@@ -293,14 +299,26 @@ def _with_values(model: torch_ref.GPT, values: dict[str, torch.Tensor]) -> torch
     return clone
 
 
-def grads_flax_vs_torch_ref(shape: str) -> Measurement:
-    """Worst norm(diff)/norm(ref) over every parameter's gradient, same weights and batch."""
+def grads_flax_vs_torch_ref(shape: str, attention: str = "xla") -> Measurement:
+    """Worst norm(diff)/norm(ref) over every parameter's gradient, same weights and batch; attention "tiled" runs
+    in tiles of 8 queries (several per sequence)."""
     idx = tokens(shape)
-    fg = flax_grads(GPT.from_pretrained(hf_dir(shape)), idx)
+    with _tiles_of_8(attention):
+        fg = flax_grads(GPT.from_pretrained(hf_dir(shape), attention=attention), idx)
     tg = torch_grads(torch_ref.GPT.from_pretrained(str(hf_dir(shape))), idx)
     assert fg.keys() == tg.keys()
     worst = max(rel(fg[k], tg[k]) for k in tg)
-    return Measurement(f"gradients flax vs torch_ref [{shape}] worst param relative", worst, GRAD_REL)
+    return Measurement(f"gradients flax vs torch_ref [{shape}{_attention_label(attention)}] worst param relative",
+                       worst, GRAD_REL)
+
+
+def _attention_label(attention: str) -> str:
+    return "" if attention == "xla" else f", {attention} attention"
+
+
+def _tiles_of_8(attention: str):
+    """small_blocks() for tiled attention (several tiles per test sequence); nothing changed for the others."""
+    return small_blocks() if attention == "tiled" else contextlib.nullcontext()
 
 
 # nanoGPT's exact GELU against GPT-2's tanh one, same weights: logits move by 4.9e-4 to 8.6e-4 (tiny, odd, deep);
@@ -409,6 +427,24 @@ def blocked_attention_vs_xla(dtype: str = "float32", T: int = 45) -> tuple[Measu
                         grad_bound))
 
 
+def tiled_attention_vs_xla(dtype: str = "float32", T: int = 45) -> tuple[Measurement, Measurement]:
+    """tiled_causal_attention (tiles of 8 queries, its hand-written backward) against one jax.nn.dot_product_attention
+    call differentiated by JAX: outputs, and the gradients of q, k, v."""
+    q, k, v, g = (jnp.asarray(np.random.default_rng(i).standard_normal((2, T, 3, 16)), dtype) for i in range(4))
+    with small_blocks():
+        out, vjp = jax.vjp(tiled_attention.tiled_causal_attention, q, k, v)
+        grads = vjp(g)
+    ref_out, ref_vjp = jax.vjp(ops.autodiff_causal_attention, q, k, v)
+    ref_grads = ref_vjp(g)
+    out_bound, grad_bound = ((TILED_ATTENTION_REL, TILED_ATTENTION_GRAD_REL) if dtype == "float32"
+                             else (BF16_ULP, BF16_REL))
+    label = f"tiled vs XLA attention [{dtype}, T={T}, tiles of 8]"
+    return (Measurement(f"{label} output relative", rel(out.astype(jnp.float32), ref_out.astype(jnp.float32)), out_bound),
+            Measurement(f"{label} q, k, v gradients worst relative",
+                        max(rel(a.astype(jnp.float32), b.astype(jnp.float32)) for a, b in zip(grads, ref_grads)),
+                        grad_bound))
+
+
 # ----------------------------------------------------------------------------- bf16
 
 
@@ -462,17 +498,19 @@ def bf16_vs_autocast(shape: str, matmul_output: str = "float32") -> list[Measure
                         rel(ref_hidden, ref32_hidden), BF16_REL, BF16_OWN_FLOOR)]
 
 
-def bf16_grads_vs_autocast(shape: str, matmul_output: str = "float32") -> list[Measurement]:
+def bf16_grads_vs_autocast(shape: str, matmul_output: str = "float32", attention: str = "xla") -> list[Measurement]:
     """Every gradient with bf16 compute (bf16 backward matmuls too) against torch_ref's under autocast(bfloat16),
     and each side's against its own fp32 gradients: the least changed parameter must show bf16 rounding."""
     idx = tokens(shape)
-    fg32, fg = (flax_grads(GPT.from_pretrained(hf_dir(shape), dtype=d, matmul_output=matmul_output), idx)
-                for d in ("float32", "bfloat16"))
+    with _tiles_of_8(attention):
+        fg32, fg = (flax_grads(GPT.from_pretrained(hf_dir(shape), dtype=d, matmul_output=matmul_output,
+                                                   attention=attention), idx) for d in ("float32", "bfloat16"))
     ref_model = torch_ref.GPT.from_pretrained(str(hf_dir(shape)))
     tg32 = torch_grads(ref_model, idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tg = torch_grads(ref_model, idx)
-    return low_precision_grad_measurements("bf16", f"[{shape}{_matmul_label(matmul_output)}]", f"[{shape}]",
+    return low_precision_grad_measurements("bf16", f"[{shape}{_matmul_label(matmul_output)}{_attention_label(attention)}]",
+                                           f"[{shape}]",
                                            (fg, fg32, tg, tg32), BF16_GRAD_REL, BF16_OWN_GRAD_FLOOR)
 
 

@@ -42,7 +42,7 @@ PLANS = {  # what each mode runs; seconds: expected time, on the GPU as one H100
         "attention": {"preset": "gpt2", "batch_size": 4, "seconds": 90},
         "parity": {"pytest": PARITY_CORE, "seconds": 170},
         "bench": {"preset": "gpt2", "batch_size": 16, "seq_len": 1024, "steps": 10, "warmup": 2, "seconds": 180,
-                  "variants": ["flax-bf16", "flax-cudnn-bf16", "torch-eager-bf16", "torch-compile-bf16"]},
+                  "variants": ["flax-xla-bf16", "flax-cudnn-bf16", "torch-eager-bf16", "torch-compile-bf16"]},
         "train": {**GPT2_RUN, "max_steps": 10, "eval_batches": 2, "seconds": 50},
     },
     "dry": {

@@ -28,9 +28,10 @@ def test_loss_matches_transformers(shape):
     assert_within(checks.loss_flax_vs_hf(shape))
 
 
+@pytest.mark.parametrize("attention", ("xla", "tiled"))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gradients_match_torch_ref(shape):
-    assert_within(checks.grads_flax_vs_torch_ref(shape))
+def test_gradients_match_torch_ref(shape, attention):
+    assert_within(checks.grads_flax_vs_torch_ref(shape, attention))
 
 
 def test_exact_gelu_matches_torch_ref():
@@ -46,9 +47,10 @@ def test_bf16_matches_torch_autocast(shape):
         assert_within(m)
 
 
+@pytest.mark.parametrize("attention", ("xla", "tiled"))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bf16_gradients_match_torch_autocast(shape):
-    for m in checks.bf16_grads_vs_autocast(shape):
+def test_bf16_gradients_match_torch_autocast(shape, attention):
+    for m in checks.bf16_grads_vs_autocast(shape, attention=attention):
         assert_within(m)
 
 
@@ -153,6 +155,15 @@ def test_chunked_training_loss_equals_the_full_logits_loss(shape, dtype):
 @pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
 def test_blocked_attention_equals_one_xla_call(dtype):
     out, grads = checks.blocked_attention_vs_xla(dtype)
+    assert_within(out)
+    assert_within(grads)
+
+
+@pytest.mark.parametrize("T", (5, 8, 45))
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+def test_tiled_attention_equals_one_xla_call(dtype, T):
+    """Tiles of 8 queries: one partial tile, exactly one, several with a partial last one."""
+    out, grads = checks.tiled_attention_vs_xla(dtype, T)
     assert_within(out)
     assert_within(grads)
 

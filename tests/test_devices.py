@@ -70,11 +70,18 @@ def test_capabilities_of_each_platform():
     assert devices.capabilities("mps").fallbacks() == ["no buffer donation", "bf16 matmuls return bf16, cast to float32"]
 
 
-def test_attention_auto_is_cudnn_on_cuda_in_bf16_and_xla_elsewhere(monkeypatch):
+def test_attention_auto_is_cudnn_on_cuda_in_bf16_tiled_on_cpu_and_xla_elsewhere(monkeypatch):
     monkeypatch.setattr(devices, "gpu_compute_capability", lambda devices=None: 9.0)  # an H100
     pick = devices.attention_implementation
     assert pick("auto", "gpu", "bfloat16") == "cudnn"
-    assert [pick("auto", p, d) for p, d in (("gpu", "float32"), ("cpu", "bfloat16"), ("mps", "bfloat16"))] == ["xla"] * 3
+    assert pick("auto", "cpu", "float32") == pick("auto", "cpu", "bfloat16") == "tiled"
+    assert [pick("auto", p, d) for p, d in (("gpu", "float32"), ("mps", "bfloat16"), ("cpu", "float16"))] == ["xla"] * 3
+    assert pick("auto", "cpu", "float32", dropout=0.1) == "xla"  # dropout on the probabilities is XLA's
+    assert pick("tiled", "gpu", "bfloat16") == "tiled"
+    with pytest.raises(UserError, match=r"^--attention tiled has no dropout, .* use --attention xla"):
+        pick("tiled", "cpu", "float32", dropout=0.1)
+    with pytest.raises(UserError, match=r"^--attention tiled computes in fp32 or bf16, this run in float16"):
+        pick("tiled", "cpu", "float16")
     assert pick("xla", "gpu", "bfloat16") == "xla" and pick("cudnn", "gpu", "bfloat16") == "cudnn"
     with pytest.raises(UserError, match=r"^--attention cudnn needs a CUDA GPU .* on mps: use --attention xla"):
         pick("cudnn", "mps", "bfloat16")
