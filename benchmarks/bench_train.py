@@ -252,7 +252,8 @@ def main():
         framework, *mode, dtype = variant.split("-")
         if framework == "flax":
             compute = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
-            attention = mode[0] if mode else attention_implementation("auto", jax.default_backend(), compute)
+            attention = mode[0] if mode else attention_implementation("auto", jax.default_backend(), compute,
+                                                                             train_seq_len=args.seq_len)
             cfg = config.replace(dtype=compute, attention=attention)
             steps[variant] = flax_step_fn(cfg, batch, opt_cfg)
         else:

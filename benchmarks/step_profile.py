@@ -78,7 +78,8 @@ def main():
     from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer
     from flax_gpt.train_step import init_state, make_train_step
 
-    attention = attention_implementation(args.attention, jax.default_backend(), args.dtype)
+    attention = attention_implementation(args.attention, jax.default_backend(), args.dtype,
+                                         train_seq_len=args.seq_len)
     config = preset(args.preset, dtype=args.dtype, attention=attention)
     rng = np.random.default_rng(0)
     x, y = (jnp.asarray(rng.integers(0, config.vocab_size, (1, args.batch_size, args.seq_len), dtype=np.int32))

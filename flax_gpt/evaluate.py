@@ -57,7 +57,7 @@ class EvalConfig:
     max_batches: int | None = None  # evaluate at most this many batches; default the whole file
     hellaswag: str | None = None  # HellaSwag jsonl: ctx (or ctx_a/ctx_b), endings (4), label
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype; auto: bf16 on GPU/TPU, fp32 on CPU
-    attention: AttentionFlag = "auto"  # auto: cuDNN flash attention on CUDA in bf16, tiled on CPU (fp32, bf16) without dropout, else XLA's
+    attention: AttentionFlag = "auto"  # auto: cuDNN flash attention on CUDA in bf16, else XLA's; tiled: for CPUs
     json: str | None = None  # also write the results to this JSON file
     debug: bool = False  # show tracebacks instead of one-line errors
 

@@ -142,7 +142,7 @@ class GenerateConfig:
     top_k: int | None = 50
     top_p: float | None = None
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    attention: AttentionFlag = "auto"  # of the prompt (decoding is XLA's); auto: cuDNN on CUDA in bf16, tiled on CPU, else XLA's
+    attention: AttentionFlag = "auto"  # of the prompt (decoding is XLA's); auto: cuDNN on CUDA in bf16, else XLA's
     debug: bool = False  # show tracebacks instead of one-line errors
 
 

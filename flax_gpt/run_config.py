@@ -71,7 +71,7 @@ class TrainConfig:
     remat: bool = flag(False)  # recompute block activations in the backward pass: less memory, ~1/3 more compute
     scan_layers: bool = flag(False)  # rolled layer loop: compile time flat in depth, slower steps
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = flag("auto", defines_run=True)  # compute dtype; auto: bf16 on GPUs and on CPUs with bf16 dot instructions, fp16 with loss scaling on GPUs without bf16
-    attention: AttentionFlag = flag("auto")  # auto: cuDNN flash attention on CUDA in bf16, tiled on CPU (fp32, bf16) without dropout, else XLA's
+    attention: AttentionFlag = flag("auto")  # auto: cuDNN flash attention on CUDA in bf16; tiled on CPU (fp32, bf16, no dropout, T >= 256); else XLA's
     n_layer: int | None = flag(None)  # model overrides of the preset's shape (scratch runs only)
     n_head: int | None = flag(None)
     n_embd: int | None = flag(None)

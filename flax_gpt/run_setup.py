@@ -156,7 +156,8 @@ def setup(cfg: TrainConfig, given: set[str]) -> tuple[TrainRun, float | None]:
     mesh = shard.make_mesh() if strategy != "none" else None
     numerics = {"remat": cfg.remat, "scan_layers": cfg.scan_layers, "matmul_output": caps.matmul_output,
                 "dropout": cfg.dropout,
-                "attention": devices.attention_implementation(cfg.attention, platform, dtype, cfg.dropout)}
+                "attention": devices.attention_implementation(cfg.attention, platform, dtype, cfg.dropout,
+                                                              cfg.seq_len)}
     config, graphdef, state, state_sh = init_train_state(cfg, dtype, numerics, tx, mesh, strategy)
     _check_model_fits_data(cfg, config)
     batch_sh = eval_sh = None

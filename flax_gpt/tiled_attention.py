@@ -1,8 +1,8 @@
 """Causal attention for CPUs (GPTConfig.attention "tiled"): queries by tiles of TILE, each tile against only the keys
-at or before its last query, so the masked half of the (T, T) scores is never computed, as torch's CPU flash
-attention skips it. Heads lead the layout, (B, nh, T, hs), and every transposed operand is written out, so that each
-dot is one XLA:CPU sends to its fast kernels (BENCHMARKS.md). The backward pass keeps q, k, v, the output and one
-log-sum-exp per query, and recomputes each tile's probabilities (flash attention's backward).
+at or before its last query, so most of the masked half of the (T, T) scores is never computed, as torch's CPU
+flash attention skips it. Heads lead the layout, (B, nh, T, hs): batched dots XLA:CPU sends to its YNNPACK kernels
+(BENCHMARKS.md). The backward pass keeps q, k, v, the output and one log-sum-exp per query, and recomputes each
+tile's probabilities (flash attention's backward).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from flax_gpt.ops import _custom, after
 
-TILE = 64  # queries per tile; 32 and 128 measured slower in fp32 (BENCHMARKS.md)
+TILE = 64  # queries per tile, at least; 32 and 128 measured slower in fp32 at T=256 (BENCHMARKS.md)
+MAX_TILES = 4  # past 4 * TILE queries the tiles grow instead: compile time grows with their number
 F32 = jnp.float32
 
 
@@ -26,8 +27,9 @@ def tiled_causal_attention(q, k, v):
 
 
 def _tiles(T: int):
-    """(start, end) of each tile of queries."""
-    return [(start, min(start + TILE, T)) for start in range(0, T, TILE)]
+    """(start, end) of each tile of queries: TILE queries each, or T / MAX_TILES rounded up to a multiple of TILE."""
+    size = max(TILE, -(-T // (MAX_TILES * TILE)) * TILE)
+    return [(start, min(start + size, T)) for start in range(0, T, size)]
 
 
 def _scores(q_i, k_i, start: int):
@@ -66,11 +68,6 @@ def _tiled_fwd(q, k, v):
     return y, (q, k, v, y, lse)
 
 
-def _transposed(x, dtype):
-    """x (B, nh, S, L) -> (B, nh, L, S) in dtype, written out."""
-    return jnp.swapaxes(x, 2, 3).astype(dtype)
-
-
 # Equals jax.vjp(autodiff_tiled_attention, q, k, v)[1](g) up to rounding, each tile's probabilities recomputed.
 def _tiled_bwd(saved, g):
     q, k, v, y, lse = after(g, *saved)
@@ -80,12 +77,12 @@ def _tiled_bwd(saved, g):
     for start, end in _tiles(q.shape[2]):
         q_i, g_i = q[:, :, start:end], g[:, :, start:end]  # (B, nh, S, hs) each
         probs = jnp.exp(_scores(q_i, k[:, :, :end], start) - lse[:, :, start:end, None])  # (B, nh, S, end)
-        dv = dv.at[:, :, :end].add(jnp.einsum("bhkq,bhqd->bhkd", _transposed(probs, dtype), g_i,
+        dv = dv.at[:, :, :end].add(jnp.einsum("bhqk,bhqd->bhkd", probs.astype(dtype), g_i,
                                               preferred_element_type=F32))  # (B, nh, end, hs)
         dprobs = jnp.einsum("bhqd,bhkd->bhqk", g_i, v[:, :, :end], preferred_element_type=F32)  # (B, nh, S, end)
         dscores = probs * (dprobs - delta[:, :, start:end, None]) * scale  # (B, nh, S, end)
         dq.append(jnp.einsum("bhqk,bhkd->bhqd", dscores.astype(dtype), k[:, :, :end], preferred_element_type=F32))
-        dk = dk.at[:, :, :end].add(jnp.einsum("bhkq,bhqd->bhkd", _transposed(dscores, dtype), q_i,
+        dk = dk.at[:, :, :end].add(jnp.einsum("bhqk,bhqd->bhkd", dscores.astype(dtype), q_i,
                                               preferred_element_type=F32))  # (B, nh, end, hs)
     return jnp.concatenate(dq, axis=2).astype(dtype), dk.astype(dtype), dv.astype(dtype)
 

@@ -70,13 +70,14 @@ def test_capabilities_of_each_platform():
     assert devices.capabilities("mps").fallbacks() == ["no buffer donation", "bf16 matmuls return bf16, cast to float32"]
 
 
-def test_attention_auto_is_cudnn_on_cuda_in_bf16_tiled_on_cpu_and_xla_elsewhere(monkeypatch):
+def test_attention_auto_is_cudnn_on_cuda_in_bf16_tiled_when_training_on_cpu_and_xla_elsewhere(monkeypatch):
     monkeypatch.setattr(devices, "gpu_compute_capability", lambda devices=None: 9.0)  # an H100
     pick = devices.attention_implementation
     assert pick("auto", "gpu", "bfloat16") == "cudnn"
-    assert pick("auto", "cpu", "float32") == pick("auto", "cpu", "bfloat16") == "tiled"
-    assert [pick("auto", p, d) for p, d in (("gpu", "float32"), ("mps", "bfloat16"), ("cpu", "float16"))] == ["xla"] * 3
-    assert pick("auto", "cpu", "float32", dropout=0.1) == "xla"  # dropout on the probabilities is XLA's
+    assert pick("auto", "cpu", "float32", train_seq_len=256) == pick("auto", "cpu", "bfloat16", train_seq_len=1024) == "tiled"
+    assert [pick("auto", p, d, train_seq_len=256) for p, d in (("gpu", "float32"), ("mps", "bfloat16"), ("cpu", "float16"))] == ["xla"] * 3
+    assert pick("auto", "cpu", "float32", dropout=0.1, train_seq_len=256) == "xla"  # dropout on the probabilities is XLA's
+    assert pick("auto", "cpu", "float32", train_seq_len=128) == pick("auto", "cpu", "float32") == "xla"  # short, not training
     assert pick("tiled", "gpu", "bfloat16") == "tiled"
     with pytest.raises(UserError, match=r"^--attention tiled has no dropout, .* use --attention xla"):
         pick("tiled", "cpu", "float32", dropout=0.1)
@@ -152,3 +153,16 @@ def test_a_run_on_jax_mps_takes_its_fallbacks(tmp_path, monkeypatch, capsys):
     records = [json.loads(line) for line in (tmp_path / "mps" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0], losses  # measured: 10.8406 -> 10.7363
+
+
+def test_a_cpu_run_with_tiled_attention_trains_and_says_so(tmp_path, monkeypatch, capsys):
+    """--attention tiled on the CPU: the model line names it, and the run trains."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLAX_GPT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
+    run(TrainConfig(preset="tiny", data="corpus.txt", batch_size=2, seq_len=32, max_steps=3, eval_interval=3,
+                    eval_batches=1, sample_tokens=4, progress=False, out_dir="tiled", attention="tiled"))
+    assert "tiled attention on cpu" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "tiled" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
