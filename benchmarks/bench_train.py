@@ -23,26 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import time
-
-
-ISA_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")  # what the CPU's matmul kernels can use
-
-
-def cpu_description() -> dict:
-    """{"model": the CPU's model name, "isa": which of ISA_FLAGS it has} from /proc/cpuinfo (Linux); else what
-    Python's platform module knows, and no flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-        info = {key.strip(): value.strip() for key, value in info.items()}
-        flags = set(info.get("flags", "").split())
-        return {"model": info.get("model name", platform.machine()), "isa": [f for f in ISA_FLAGS if f in flags]}
-    except OSError:
-        return {"model": platform.processor() or platform.machine(), "isa": []}
 
 
 def peak_rss_mb() -> float:
@@ -213,7 +196,7 @@ def main():
     import torch
 
     from flax_gpt import preset
-    from flax_gpt.devices import attention_implementation
+    from flax_gpt.devices import attention_implementation, cpu_info
     from flax_gpt.metrics import flops_per_token, measured_matmul_peak, mfu, peak_flops
     from flax_gpt.optim import OptimConfig
 
@@ -280,7 +263,7 @@ def main():
         print(f"{variant:20s} {median * 1e3:9.1f} ms/step {tokens / median:9.0f} tok/s, loss {r['losses'][0]:.4f} "
               f"-> {r['losses'][-1]:.4f}", flush=True)
 
-    cpu = cpu_description()
+    cpu = cpu_info()
     datasheet = f"MFU also against {peak_source} {datasheet_peak / 1e12:.0f} TFLOP/s" if datasheet_peak else peak_source
     where = (f"{jax.devices()[0].device_kind}, {datasheet}" if on_gpu
              else f"{cpu['model']} ({', '.join(cpu['isa']) or 'no AVX-512'}), {args.threads} threads, "

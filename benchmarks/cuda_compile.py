@@ -18,7 +18,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hlo_cost  # noqa: E402
 
 from flax_gpt import GPT, evaluate, generate, ops, preset  # noqa: E402
+from flax_gpt.devices import cpu_info  # noqa: E402
 from flax_gpt.metrics import flops_per_token, params_without_wpe  # noqa: E402
 from flax_gpt.optim import OptimConfig, lr_schedule, make_optimizer  # noqa: E402
 from flax_gpt.run_config import RUN_PRESETS  # noqa: E402
@@ -254,15 +254,6 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+changes" if dirty else "") if head.returncode == 0 else None
 
 
-def cpu_model() -> str:
-    """This machine's CPU (the figures do not depend on it; compile_s does)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
 def markdown(results: dict) -> str:
     """The rows of a results file as the table of docs/gpus.md."""
     GiB = 2**30
@@ -301,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     cudnn_stand_in()
-    about = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "cpu": cpu_model(),
+    about = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "cpu": cpu_info()["model"],  # compile_s depends on it
              "command": " ".join(["python benchmarks/cuda_compile.py", *(argv if argv is not None else sys.argv[1:])]),
              "jax": jax.__version__}
     rows = []

@@ -17,7 +17,7 @@ import json
 import re
 import time
 
-from bench_train import cpu_description
+from flax_gpt.devices import cpu_info
 
 DTYPES = {"fp32": ("float32", "float32"), "bf16->f32": ("bfloat16", "float32"), "bf16": ("bfloat16", "bfloat16")}
 
@@ -83,7 +83,7 @@ def main():
             rows.append({"form": name, "dtype": label, "xla_kernel": kernel, "jax_gflops": n / jax_s / 1e9,
                          "torch_gflops": n / torch_s / 1e9 if torch_s else None})
             print(rows[-1], flush=True)
-    cpu = cpu_description()
+    cpu = cpu_info()
     header = (f"{cpu['model']} ({', '.join(cpu['isa']) or 'no AVX-512'}), {torch.get_num_threads()} torch threads; "
               f"jax {jax.__version__}, torch {torch.__version__}")
     print(f"\n{header}\n\n| form | dtype | XLA kernel | jax GFLOP/s | torch GFLOP/s | jax / torch |\n"

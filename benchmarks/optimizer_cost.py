@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cuda_compile  # noqa: E402
 
 from flax_gpt import GPT, preset  # noqa: E402
+from flax_gpt.devices import cpu_info  # noqa: E402
 from flax_gpt.metrics import flops_per_token, params_without_wpe  # noqa: E402
 from flax_gpt.muon import NS_STEPS  # noqa: E402
 from flax_gpt.optim import OptimConfig, make_optimizer, muon_labels  # noqa: E402
@@ -63,15 +63,6 @@ def update_program(tx: optax.GradientTransformation):
         return optax.apply_updates(params, updates), opt_state
 
     return jax.jit(update, donate_argnums=(1, 2))
-
-
-def cpu_model() -> str:
-    """lscpu's "Model name" (cuda_compile's /proc/cpuinfo reading where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return cuda_compile.cpu_model()
 
 
 def cpu_times(config, repeats: int) -> dict:
@@ -195,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     config = preset(RUN_PRESETS["gpt2"].model)
     load_before = os.getloadavg()[0]
-    results = {"date": datetime.date.today().isoformat(), "commit": cuda_compile.git_commit(), "cpu": cpu_model(),
+    results = {"date": datetime.date.today().isoformat(), "commit": cuda_compile.git_commit(), "cpu": cpu_info()["model"],
                "cpu_threads": len(os.sched_getaffinity(0)), "jax": jax.__version__,
                "command": " ".join(["python benchmarks/optimizer_cost.py",
                                     *(argv if argv is not None else sys.argv[1:])])}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import platform
 
 import jax
 
@@ -120,14 +121,27 @@ def auto_dtype_note(dtype: str, platform: str, devices=None) -> str | None:
             f"{gpu_compute_capability(devices)}) has no bf16")
 
 
-def cpu_has_bf16_dots(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this x86 CPU has native bf16 dot products (AVX512_BF16 or AMX-BF16), read from Linux's cpuinfo."""
+ISA_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")  # what a CPU's matmul kernels can use
+
+
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """{"model": this CPU's model name, "isa": which of ISA_FLAGS it has} from Linux's cpuinfo (the first CPU);
+    elsewhere Python's platform.processor() (or the machine) and no flags."""
     try:
         with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            first = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return {"model": platform.processor() or platform.machine(), "isa": []}
+    fields = {key.strip(): value.strip() for key, value in first.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name") or platform.processor() or platform.machine(),
+            "isa": [flag for flag in ISA_FLAGS if flag in flags]}
+
+
+def cpu_has_bf16_dots(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this x86 CPU has native bf16 dot products (AVX512_BF16 or AMX-BF16), read from Linux's cpuinfo."""
+    isa = cpu_info(cpuinfo)["isa"]
+    return "avx512_bf16" in isa or "amx_bf16" in isa
 
 
 def enable_compile_cache() -> None:

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from flax_gpt.devices import cpu_info
+
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = Path(__file__).resolve().parent / "checks.py"
 
@@ -80,30 +82,14 @@ def git_commit() -> str:
 
 
 def cpu_model() -> tuple[str, str]:
-    """The CPU's model name (from /proc/cpuinfo, else lscpu) and its bf16 dot instructions."""
-    name, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not name:
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    if not name:
-        try:
-            out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-            name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                        "")
-        except OSError:
-            pass
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    if not flags:
+    """The CPU's model name and its bf16 dot instructions (none said where Linux's cpuinfo is missing)."""
+    cpu = cpu_info()
+    bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu["isa"]]
+    if not Path("/proc/cpuinfo").exists():
         bf16_note = ""
     else:
         bf16_note = f", bf16 dot instructions: {' and '.join(bf16)}" if bf16 else ", no bf16 dot instructions"
-    return f"{name or platform.processor() or 'unknown'}, {platform.machine()} {platform.system()}", bf16_note
+    return f"{cpu['model']}, {platform.machine()} {platform.system()}", bf16_note
 
 
 def tolerance_table() -> str:

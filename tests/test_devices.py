@@ -166,3 +166,22 @@ def test_a_cpu_run_with_tiled_attention_trains_and_says_so(tmp_path, monkeypatch
     records = [json.loads(line) for line in (tmp_path / "tiled" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
+
+
+def test_cpu_info_reads_the_model_and_the_matmul_isa_flags(tmp_path):
+    """What bench_train's header and --dtype auto read: an Intel AMX host, an AMD EPYC, an AVX2-only CPU, no file."""
+    def cpuinfo(model, flags):
+        path = tmp_path / model.split()[0]
+        path.write_text(f"processor\t: 0\nmodel name\t: {model}\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+        return str(path)
+
+    intel = cpuinfo("Intel(R) Xeon(R) Platinum 8480+", "fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8")
+    amd = cpuinfo("AMD EPYC", "fpu avx2 avx512f avx512_bf16 avx512_vnni")
+    old = cpuinfo("Haswell", "fpu avx2 fma")
+    assert devices.cpu_info(intel) == {"model": "Intel(R) Xeon(R) Platinum 8480+",
+                                       "isa": ["amx_bf16", "amx_tile", "avx512_bf16", "avx512f"]}
+    assert devices.cpu_info(amd) == {"model": "AMD EPYC", "isa": ["avx512_bf16", "avx512f"]}
+    assert devices.cpu_info(old)["isa"] == [] and not devices.cpu_has_bf16_dots(old)
+    assert devices.cpu_has_bf16_dots(intel) and devices.cpu_has_bf16_dots(amd)
+    missing = devices.cpu_info(str(tmp_path / "none"))
+    assert missing["model"] and missing["isa"] == []
