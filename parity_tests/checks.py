@@ -584,6 +584,10 @@ def _vjp_case(op: str):
         T = ops.ATTENTION_BLOCK + 44
         return (ops.causal_attention, ops.autodiff_causal_attention, _normal((1, T, 2, 8), (1, T, 2, 8), (1, T, 2, 8)),
                 (True, True, True))
+    if op == "tiled_attention":  # past MAX_TILES * TILE positions: 3 tiles grown to 128, as gpt2 at T=300 runs it
+        T = tiled_attention.MAX_TILES * tiled_attention.TILE + 44
+        return (tiled_attention.tiled_causal_attention, ops.autodiff_causal_attention,
+                _normal((1, T, 2, 8), (1, T, 2, 8), (1, T, 2, 8)), (True, True, True))
     if op == "low_precision_matmul":  # the reference's dot at jax_default_matmul_precision "highest" (set above)
         return (ops.low_precision_matmul, ops.autodiff_low_precision_matmul, _normal((2, 5, 32), (32, 24)),
                 (True, False))
@@ -598,7 +602,8 @@ def _vjp_case(op: str):
     raise ValueError(f"unknown op {op!r}")
 
 
-BF16_VJP_OPS = ("layer_norm", "gelu", "blocked_attention", "low_precision_matmul", "chunked_lm_head_loss")
+BF16_VJP_OPS = ("layer_norm", "gelu", "blocked_attention", "tiled_attention", "low_precision_matmul",
+                "chunked_lm_head_loss")
 # A hand-written backward in bf16 against float32 autodiff on the same values: measured 1.5e-3 to 3.4e-3 over
 # BF16_VJP_OPS; the same backward in float32 agrees to ~1e-7, so below the floor it did not compute in bf16
 BF16_VJP_FLOOR = 3e-4
@@ -916,10 +921,12 @@ def all_forward_checks(shapes=("tiny", "odd", "deep")) -> list[Measurement]:
                 causality_by_gradient(shape), round_trip_flax_torch_flax(shape),
                 state_dict_round_trip(shape), jit_vs_eager(shape), remat_grads(shape),
                 *remat_train_grads(shape), *remat_train_grads(shape, "bfloat16"),
-                *training_loss_vs_logits_loss(shape), *training_loss_vs_logits_loss(shape, "bfloat16")]
+                *training_loss_vs_logits_loss(shape), *training_loss_vs_logits_loss(shape, "bfloat16"),
+                grads_flax_vs_torch_ref(shape, "tiled"), *bf16_grads_vs_autocast(shape, attention="tiled")]
     out += [vocab_padding_invariance(shape) for shape in PADDED_SHAPES]
     out += [bf16_vjp_vs_float32_autodiff(op) for op in BF16_VJP_OPS]
     out += [*blocked_attention_vs_xla(), *blocked_attention_vs_xla("bfloat16")]
+    out += [m for dtype in ("float32", "bfloat16") for T in (5, 32, 45) for m in tiled_attention_vs_xla(dtype, T)]
     out += [*remat_train_grads("odd", loss_chunks=False), *remat_train_grads("odd", "bfloat16", loss_chunks=False)]
     out += [logits_flax_vs_hf("odd", layout) for layout in GOOD_LAYOUTS if layout != "safetensors"]
     out += [*bf16_vs_autocast("odd", "compute"), *bf16_grads_vs_autocast("tiny", "compute"),
