@@ -5,7 +5,8 @@ and is tested against (autodiff_*: the formula, differentiated by JAX). What the
     gelu               GPT-2's tanh GELU keeping its input and tanh (autodiff: six (B, T, 4C) tensors)
     gelu_exact         nanoGPT's exact (erf) GELU keeping only its input
     causal_attention   XLA attention over blocks of queries, each block recomputed in the backward pass (with
-                       dropout, each block's mask too: only the key is kept)
+                       dropout, each block's mask too: only the key is kept); CPU training takes
+                       flax_gpt.tiled_attention instead
     matmul             a bf16 x bf16 -> f32 dot whose backward runs in bf16 too (low_precision_matmul)
     lm_head_loss       tied lm_head + cross entropy over chunks of tokens, logits never all in memory
                        (lm_head_loss_and_dx and add_lm_head_dw: its two gradients apart, for flax_gpt.remat)

@@ -48,7 +48,8 @@ def _forward(q, k, v):
         scores = _scores(q[:, :, start:end], k[:, :, :end], start)  # (B, nh, S, end)
         lse = jax.nn.logsumexp(scores, axis=-1)  # (B, nh, S)
         probs = jnp.exp(scores - lse[..., None]).astype(v.dtype)  # (B, nh, S, end)
-        outs.append(jnp.einsum("bhqk,bhkd->bhqd", probs, v[:, :, :end], preferred_element_type=F32).astype(v.dtype))
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v[:, :, :end], preferred_element_type=F32)  # (B, nh, S, hs)
+        outs.append(out.astype(v.dtype))
         lses.append(lse)
     return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)  # (B, nh, T, hs), (B, nh, T)
 
@@ -81,7 +82,8 @@ def _tiled_bwd(saved, g):
                                               preferred_element_type=F32))  # (B, nh, end, hs)
         dprobs = jnp.einsum("bhqd,bhkd->bhqk", g_i, v[:, :, :end], preferred_element_type=F32)  # (B, nh, S, end)
         dscores = probs * (dprobs - delta[:, :, start:end, None]) * scale  # (B, nh, S, end)
-        dq.append(jnp.einsum("bhqk,bhkd->bhqd", dscores.astype(dtype), k[:, :, :end], preferred_element_type=F32))
+        dq.append(jnp.einsum("bhqk,bhkd->bhqd", dscores.astype(dtype), k[:, :, :end],
+                             preferred_element_type=F32))  # (B, nh, S, hs)
         dk = dk.at[:, :, :end].add(jnp.einsum("bhqk,bhqd->bhkd", dscores.astype(dtype), q_i,
                                               preferred_element_type=F32))  # (B, nh, end, hs)
     return jnp.concatenate(dq, axis=2).astype(dtype), dk.astype(dtype), dv.astype(dtype)
