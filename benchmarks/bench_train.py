@@ -196,7 +196,7 @@ def main():
     import torch
 
     from flax_gpt import preset
-    from flax_gpt.devices import attention_implementation, cpu_info
+    from flax_gpt.devices import attention_implementation, cpu_info, cpu_line
     from flax_gpt.metrics import flops_per_token, measured_matmul_peak, mfu, peak_flops
     from flax_gpt.optim import OptimConfig
 
@@ -266,8 +266,7 @@ def main():
     cpu = cpu_info()
     datasheet = f"MFU also against {peak_source} {datasheet_peak / 1e12:.0f} TFLOP/s" if datasheet_peak else peak_source
     where = (f"{jax.devices()[0].device_kind}, {datasheet}" if on_gpu
-             else f"{cpu['model']} ({', '.join(cpu['isa']) or 'no AVX-512'}), {args.threads} threads, "
-                  f"{os.cpu_count()} cores, malloc {malloc}")
+             else f"{cpu_line(cpu)}, {args.threads} threads, {os.cpu_count()} cores, malloc {malloc}")
     header = (f"preset {args.preset}, B={args.batch_size}, T={args.seq_len}, {where}; jax {jax.__version__}, torch {torch.__version__}; "
               f"measured {matmul_n}x{matmul_n} matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print("\n" + header + "\n")

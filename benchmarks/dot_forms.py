@@ -17,7 +17,7 @@ import json
 import re
 import time
 
-from flax_gpt.devices import cpu_info
+from flax_gpt.devices import cpu_info, cpu_line
 
 DTYPES = {"fp32": ("float32", "float32"), "bf16->f32": ("bfloat16", "float32"), "bf16": ("bfloat16", "bfloat16")}
 
@@ -84,7 +84,7 @@ def main():
                          "torch_gflops": n / torch_s / 1e9 if torch_s else None})
             print(rows[-1], flush=True)
     cpu = cpu_info()
-    header = (f"{cpu['model']} ({', '.join(cpu['isa']) or 'no AVX-512'}), {torch.get_num_threads()} torch threads; "
+    header = (f"{cpu_line(cpu)}, {torch.get_num_threads()} torch threads; "
               f"jax {jax.__version__}, torch {torch.__version__}")
     print(f"\n{header}\n\n| form | dtype | XLA kernel | jax GFLOP/s | torch GFLOP/s | jax / torch |\n"
           "| --- | --- | --- | ---: | ---: | ---: |")

@@ -97,7 +97,7 @@ FLAG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # GPTC
 
 BF16_COMPUTE_CAPABILITY = 8.0  # Ampere: the first NVIDIA GPUs with bf16 tensor cores (T4 is 7.5, V100 7.0)
 CUDNN_FLASH_COMPUTE_CAPABILITY = 8.0  # JAX's cuDNN attention refuses older GPUs (fp16 included)
-# Tiled attention's steps measured as fast as XLA's at 128 positions, 2-14% faster at 256 (BENCHMARKS.md), and it
+# Tiled attention's steps measured as fast as XLA's at 128 positions, 1-14% faster at 256 (BENCHMARKS.md), and it
 # compiles longer (~0.4 s more per layer at 256): auto takes it for training from 256 positions on.
 TILED_MIN_SEQ_LEN = 256
 TILED_DTYPES = ("float32", "bfloat16")  # tiled attention's dots (float16 ones with float32 results: XLA:CPU refuses)
@@ -136,6 +136,12 @@ def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict:
     flags = set(fields.get("flags", "").split())
     return {"model": fields.get("model name") or platform.processor() or platform.machine(),
             "isa": [flag for flag in ISA_FLAGS if flag in flags]}
+
+
+def cpu_line(info: dict | None = None) -> str:
+    """cpu_info() in one phrase: "AMD EPYC (avx512_bf16, avx512f)"."""
+    info = info or cpu_info()
+    return f"{info['model']} ({', '.join(info['isa']) or 'no AVX-512'})"
 
 
 def cpu_has_bf16_dots(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -179,9 +185,9 @@ def model_numerics(dtype_flag: str, attention_flag: str) -> tuple[str, dict]:
 def attention_implementation(attention: str, platform: str, dtype: str, dropout: float = 0.0,
                              train_seq_len: int | None = None) -> str:
     """--attention as GPTConfig.attention: auto is cuDNN flash attention on CUDA in bf16 without dropout; tiled
-    attention when training on CPU in fp32 or bf16 without dropout on sequences of TILED_MIN_SEQ_LEN or more (train_seq_len;
-    None: not training); XLA's elsewhere (JAX's cuDNN attention fixes its dropout seed when it compiles: every step
-    would drop the same)."""
+    attention when training on CPU in fp32 or bf16 without dropout on sequences of TILED_MIN_SEQ_LEN or more
+    (train_seq_len; None: not training); XLA's elsewhere (JAX's cuDNN attention fixes its dropout seed when it
+    compiles: every step would drop the same)."""
     cudnn_runs = capabilities(platform).cudnn_attention
     if attention == "auto":
         if cudnn_runs and dtype == "bfloat16" and dropout == 0:

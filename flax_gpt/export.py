@@ -82,9 +82,13 @@ def save_torch_checkpoint(run: TrainedModel, out: str | Path, fmt: str, overwrit
     else:
         best = min((loss for step, loss in run.val_losses.items() if step <= run.step), default=1e9)
         ckpt = torch_ckpt.nanogpt_checkpoint(run.model, run.step, best, _optim_config(run.train_config), run.adam)
-        optimizer = (f"AdamW moments of step {run.step}" if run.adam else
-                     "empty AdamW state (this run trained with Muon: nanoGPT's train.py has no Muon state to resume "
-                     "from, its AdamW starts afresh)" if trained_with_muon(run.train_config) else "empty AdamW state (fresh moments)")
+        if run.adam:
+            optimizer = f"AdamW moments of step {run.step}"
+        elif trained_with_muon(run.train_config):
+            optimizer = ("empty AdamW state (this run trained with Muon: nanoGPT's train.py has no Muon state to resume "
+                         "from, its AdamW starts afresh)")
+        else:
+            optimizer = "empty AdamW state (fresh moments)"
     created = _make_parents(out.parent)
     done = False
     try:

@@ -98,9 +98,10 @@ class CausalSelfAttention(nnx.Module):
 
     def causal(self, q, k, v, dropout_key=None):
         """Causal attention of q, k, v (B, T, nh, hs): cuDNN's flash attention (keeps only its output and row
-        statistics for the backward pass), tiled attention (for CPUs, flax_gpt.tiled_attention; float16 goes to XLA's),
-        or XLA's by blocks of queries, recomputed in the backward pass. Dropout on the probabilities is XLA's: JAX's cuDNN attention fixes its dropout seed when it compiles, so every step would
-        drop the same entries, and not those of the run's key."""
+        statistics for the backward pass), tiled attention (for CPUs, flax_gpt.tiled_attention; float16 goes to
+        XLA's), or XLA's by blocks of queries, recomputed in the backward pass. Dropout on the probabilities is XLA's:
+        JAX's cuDNN attention fixes its dropout seed when it compiles, so every step would drop the same entries, and
+        not those of the run's key."""
         if dropout_key is not None:
             if self.implementation == "cudnn":
                 raise ValueError("GPTConfig.attention 'cudnn' cannot apply dropout with the run's masks (JAX's cuDNN "

@@ -182,6 +182,8 @@ def test_cpu_info_reads_the_model_and_the_matmul_isa_flags(tmp_path):
                                        "isa": ["amx_bf16", "amx_tile", "avx512_bf16", "avx512f"]}
     assert devices.cpu_info(amd) == {"model": "AMD EPYC", "isa": ["avx512_bf16", "avx512f"]}
     assert devices.cpu_info(old)["isa"] == [] and not devices.cpu_has_bf16_dots(old)
+    assert devices.cpu_line(devices.cpu_info(amd)) == "AMD EPYC (avx512_bf16, avx512f)"
+    assert devices.cpu_line(devices.cpu_info(old)) == "Haswell (no AVX-512)"
     assert devices.cpu_has_bf16_dots(intel) and devices.cpu_has_bf16_dots(amd)
     missing = devices.cpu_info(str(tmp_path / "none"))
     assert missing["model"] and missing["isa"] == []
