@@ -165,7 +165,7 @@ def test_a_cpu_run_with_tiled_attention_trains_and_says_so(tmp_path, monkeypatch
     assert "tiled attention on cpu" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "tiled" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert len(losses) == 3 and losses[-1] < losses[0], losses  # measured: 10.8297 -> 10.6661
 
 
 def test_cpu_info_reads_the_model_and_the_matmul_isa_flags(tmp_path):
